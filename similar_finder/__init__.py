@@ -1,0 +1,35 @@
+"""similar_finder: find visually similar images with pretrained CNN features.
+
+images → features (CSV) → K-Means baseline / cosine recommender → plots and reports.
+Heavy modules (Keras, TensorFlow) load only when a function that needs them is called.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+# TensorFlow's C++ start-up chatter hides the messages that matter to a user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "extract_features": "features",
+    "load_features": "features",
+    "build_backbone": "backbones",
+    "ensure_demo_library": "demo",
+}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'similar_finder' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)
