@@ -102,7 +102,7 @@ def load_features(csv: str | os.PathLike = DEFAULT_FEATURES) -> tuple[list[str],
         if matrix.shape[0] == len(paths):
             return paths, matrix, meta
     try:
-        frame = pd.read_csv(files.csv, dtype={"path": str}, float_precision="round_trip")
+        frame = pd.read_csv(files.csv, dtype={"path": str})
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise FeaturesError(f"cannot read {files.csv}: {exc}") from exc
     if frame.columns[0] != "path":
