@@ -18,6 +18,10 @@ _EXPORTS = {
     "load_features": "features",
     "build_backbone": "backbones",
     "ensure_demo_library": "demo",
+    "tune_k": "clustering",
+    "KMeansBaseline": "clustering",
+    "fit_baseline": "clustering",
+    "recommend_by_cluster": "clustering",
 }
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import backbones, features
+from . import backbones, clustering, features
 
 # Errors whose message already says what went wrong and what to do: no traceback.
 USER_ERRORS = (
     features.FeaturesError,
     backbones.BackboneError,
+    clustering.ClusteringError,
     FileNotFoundError,
     ValueError,
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import _cli
 from ._io import DEFAULT_FEATURES
+from .demo import ensure_demo_library
 from .features import FeatureFiles, extract_features
 
 
@@ -16,7 +17,8 @@ def main(argv=None) -> None:
         description="Embed every photo under IMAGES_DIR with a pretrained CNN and write a feature CSV. "
                     "Re-running only embeds new or changed photos.",
     )
-    parser.add_argument("images_dir", help="folder of photos (searched recursively)")
+    parser.add_argument("images_dir", nargs="?", default=None,
+                        help="folder of photos, searched recursively (default: the embedded demo library)")
     parser.add_argument("--out", default=str(DEFAULT_FEATURES), help="feature CSV to write (default: %(default)s)")
     _cli.add_backbone_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -27,6 +29,8 @@ def main(argv=None) -> None:
                         help="replace an existing features file made with other settings")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.images_dir is None:
+        args.images_dir = ensure_demo_library()
     frame = extract_features(
         args.images_dir, args.out, args.backbone, pooling=args.pooling, input_size=args.input_size,
         weights=None if args.weights == "none" else args.weights, batch_size=args.batch_size,

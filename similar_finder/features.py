@@ -520,3 +520,45 @@ def _write_store(files, root, scan, shas, known, spec, previous) -> pd.DataFrame
     frame.attrs["meta"] = meta
     frame.attrs["audit"] = audit
     return frame
+
+
+# --- queries ---------------------------------------------------------------------------
+
+def find_in_library(file: str | os.PathLike, paths: list[str], meta: dict) -> int | None:
+    """Row index of ``file`` if it is one of the library's images, else None."""
+    root = Path(meta["images_root"])
+    target = Path(file).expanduser().resolve()
+    try:
+        relative = target.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        relative = Path(file).as_posix()  # a path given relative to the images root
+    index = {p: i for i, p in enumerate(paths)}
+    return index.get(relative)
+
+
+def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
+    """Embed one image exactly as the library was embedded (backbone and settings from ``meta``)."""
+    from .backbones import build_backbone
+
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"query image {file} does not exist")
+    cfg = meta.get("config")
+    if cfg is None:
+        raise FeaturesError("the features file has no sidecar, so new images cannot be embedded the same way; "
+                            "re-create it with `python -m similar_finder.extract`")
+    try:
+        pixels, _ = load_image(path, int(cfg["input_size"]))
+    except ImageError as exc:
+        raise ValueError(f"query {file} cannot be used: {exc}") from None
+    model = build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=int(cfg["input_size"]),
+                           weights={"random": None}.get(cfg["weights"], cfg["weights"]))
+    return model.embed(pixels[None])[0]
+
+
+def query_vector(file, paths: list[str], matrix: np.ndarray, meta: dict) -> tuple[np.ndarray, int | None]:
+    """The query's feature vector and, if it is a library image, its row (to leave out of its results)."""
+    row = find_in_library(file, paths, meta)
+    if row is not None:
+        return matrix[row], row
+    return embed_file(file, meta), None
