@@ -120,7 +120,11 @@ def _read_meta(files: FeatureFiles) -> dict:
     except (OSError, ValueError) as exc:
         raise FeaturesError(f"cannot read the sidecar {files.meta}: {exc}") from exc
     root = Path(meta.get("images_root", "."))
-    meta["images_root"] = str(root if root.is_absolute() else (files.csv.parent / root).resolve())
+    root = root if root.is_absolute() else (files.csv.parent / root).resolve()
+    absolute = meta.get("images_root_absolute")
+    if not root.is_dir() and absolute and Path(absolute).is_dir():
+        root = Path(absolute)  # the features folder was moved, the photos were not
+    meta["images_root"] = str(root)
     return meta
 
 
@@ -462,9 +466,6 @@ def _embed(todo, root, model, known, partial: Path, spec, batch_size, workers, c
 
 
 def _write_store(files, root, scan, shas, known, spec, previous) -> pd.DataFrame:
-    import keras
-    import sklearn
-
     audit_rows, kept_paths, vectors = [], [], []
     for path, size, mtime, sha in zip(scan["path"], scan["size"], scan["mtime_ns"], shas):
         status, detail, vector = known.by_sha.get(sha) or ("skipped", known.unreadable.get(path, "unreadable"), None)
@@ -486,6 +487,9 @@ def _write_store(files, root, scan, shas, known, spec, previous) -> pd.DataFrame
     if unchanged:
         meta = previous["meta"]
     else:
+        import keras  # imported here: a run with nothing new needs neither Keras nor TensorFlow
+        import sklearn
+
         with atomic_write(files.csv, newline="") as handle:
             frame.to_csv(handle, index=False, float_format=_FLOAT_FORMAT)
         with atomic_write(files.npy, "wb") as handle:
@@ -500,7 +504,9 @@ def _write_store(files, root, scan, shas, known, spec, previous) -> pd.DataFrame
             "format": FORMAT_VERSION,
             "config": _config_of({**spec, "dim": dim}),
             **_config_of({**spec, "dim": dim}),
+            # Relative, so a project moved with its photos still works; absolute as a fallback.
             "images_root": os.path.relpath(root, files.csv.parent),
+            "images_root_absolute": str(root),
             "rows": int(matrix.shape[0]),
             "counts": audit["status"].value_counts().to_dict(),
             "csv_stat": [stat.st_size, stat.st_mtime_ns],

@@ -1,0 +1,177 @@
+"""How good are the recommendations? Leave-one-out retrieval scores on a labelled folder.
+
+For a folder whose subfolders are classes, ``evaluate(labelled_dir)`` compares
+the cosine recommender, the K-Means baseline (distance order and the original
+file order) and a raw-pixel baseline by leave-one-out precision@k, recall@k and
+mean average precision, plus the honesty of the threshold: how often a query
+whose class is held out of the library is correctly answered "No similar images
+found", and how often a query whose class is present gets an answer at all.
+Command line: ``python -m similar_finder.evaluate LABELLED_DIR``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import _cli
+from ._io import DATA_DIR, OUTPUT_DIR, atomic_write
+from .clustering import KMeansBaseline, l2_normalize
+from .recommend import Recommender, calibrate_threshold
+
+PIXEL_SIZE = 32  # raw-pixel baseline: 32 x 32 RGB thumbnails, 3072 values
+
+
+def labels_from_paths(paths) -> np.ndarray:
+    """The class of each image: its first folder under the images root."""
+    labels = np.array([Path(p).parts[0] if len(Path(p).parts) > 1 else "" for p in paths])
+    if (labels == "").any() or len(set(labels)) < 2:
+        raise ValueError("evaluation needs a folder with one subfolder per class (at least two classes)")
+    return labels
+
+
+def retrieval_scores(rankings, labels: np.ndarray, k: int = 5) -> dict:
+    """Mean precision@k, recall@k and average precision of ranked result lists.
+
+    ``rankings[i]`` lists the library rows returned for query ``i`` (itself
+    excluded), best first; rows never returned count as misses.
+    """
+    counts = pd.Series(labels).value_counts()
+    precision, recall, average_precision = [], [], []
+    for query, ranked in enumerate(rankings):
+        relevant_total = counts[labels[query]] - 1
+        hits = labels[np.asarray(ranked, dtype=int)] == labels[query]
+        precision.append(hits[:k].sum() / k)
+        if relevant_total == 0:
+            continue
+        recall.append(hits[:k].sum() / relevant_total)
+        ranks = np.flatnonzero(hits) + 1
+        average_precision.append((np.arange(1, len(ranks) + 1) / ranks).sum() / relevant_total)
+    return {f"precision@{k}": float(np.mean(precision)), f"recall@{k}": float(np.mean(recall)),
+            "mAP": float(np.mean(average_precision))}
+
+
+def _full_rankings(matrix: np.ndarray, metric: str = "cosine") -> list[np.ndarray]:
+    distances = Recommender(metric).fit(matrix).distances(matrix)
+    np.fill_diagonal(distances, np.inf)
+    order = np.argsort(distances, axis=1, kind="stable")
+    return [row[:-1] for row in order]  # the query itself sorts last
+
+
+def _cluster_rankings(matrix: np.ndarray, order: str, k_range) -> tuple[list[np.ndarray], int]:
+    model = KMeansBaseline(k_range=k_range, verbose=False).fit(matrix)
+    labels = model.labels_
+    unit = l2_normalize(matrix)
+    rankings = []
+    for query in range(len(matrix)):
+        members = np.flatnonzero(labels == labels[query])
+        members = members[members != query]
+        if order == "distance":
+            members = members[np.argsort(1.0 - unit[members] @ unit[query], kind="stable")]
+        rankings.append(members)
+    return rankings, model.k_
+
+
+def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> dict:
+    """Share of held-out-class queries answered "No similar images found", and of present-class ones answered.
+
+    Each class in turn is removed from the library; the threshold is calibrated
+    on what remains and the removed images are queried against it.
+    """
+    no_result = []
+    for held_out in np.unique(labels):
+        inside = labels != held_out
+        if len(np.unique(labels[inside])) < 2:
+            continue
+        threshold = calibrate_threshold(matrix[inside], labels[inside], metric)["value"]
+        rec = Recommender(metric, threshold).fit(matrix[inside])
+        distances, _ = rec.kneighbors(matrix[~inside], 1)
+        no_result.extend(distances[:, 0] >= threshold)
+    threshold = calibrate_threshold(matrix, labels, metric)["value"]
+    rec = Recommender(metric, threshold).fit(matrix)
+    distances, _ = rec.kneighbors(matrix, 1, exclude=np.arange(len(matrix)))
+    return {"held-out: no result": float(np.mean(no_result)),
+            "in library: answered": float(np.mean(distances[:, 0] < threshold)),
+            "threshold": float(threshold)}
+
+
+def pixel_features(root: str | os.PathLike, paths, size: int = PIXEL_SIZE) -> np.ndarray:
+    """Raw pixels of each image as a vector: the baseline any learnt feature must beat."""
+    from .images import load_image
+
+    root = Path(root)
+    with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
+        pixels = list(pool.map(lambda p: load_image(root / p, size)[0], paths))
+    return np.stack(pixels).reshape(len(paths), -1).astype(np.float32)
+
+
+def evaluate_features(matrix: np.ndarray, labels, *, k: int = 5, pixels: np.ndarray | None = None,
+                      k_range=range(2, 11)) -> pd.DataFrame:
+    """The comparison table for one feature matrix (and optionally raw pixels) of labelled images."""
+    labels = np.asarray(labels)
+    k_range = range(k_range.start, min(k_range.stop, len(matrix)))
+    rows = []
+    cosine = {"method": "cosine recommender", **retrieval_scores(_full_rankings(matrix), labels, k),
+              **threshold_honesty(matrix, labels)}
+    rows.append(cosine)
+    for order in ("distance", "file"):
+        rankings, chosen_k = _cluster_rankings(matrix, order, k_range)
+        rows.append({"method": f"K-Means baseline ({order} order, k={chosen_k})",
+                     **retrieval_scores(rankings, labels, k),
+                     # K-Means answers every query with its cluster: it never says "none".
+                     "held-out: no result": 0.0, "in library: answered": 1.0})
+    if pixels is not None:
+        rows.append({"method": "raw pixels, cosine", **retrieval_scores(_full_rankings(pixels), labels, k),
+                     **threshold_honesty(pixels, labels)})
+    return pd.DataFrame(rows)
+
+
+def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike | None = None,
+             backbone: str | None = None, k: int = 5, out_dir: str | os.PathLike = OUTPUT_DIR,
+             progress: bool = True, **extract_kwargs) -> pd.DataFrame:
+    """Extract (incrementally) features of a labelled folder, score every method, write CSV and Markdown."""
+    from .features import extract_features
+
+    labelled_dir = Path(labelled_dir)
+    if features_csv is None:
+        features_csv = DATA_DIR / "eval" / f"{labelled_dir.resolve().name}.csv"
+    frame = extract_features(labelled_dir, features_csv, backbone, progress=progress, **extract_kwargs)
+    paths = frame["path"].tolist()
+    labels = labels_from_paths(paths)
+    matrix = frame.iloc[:, 1:].to_numpy(np.float32)
+    table = evaluate_features(matrix, labels, k=k, pixels=pixel_features(labelled_dir, paths))
+    table.attrs["backbone"] = frame.attrs["meta"]["backbone"]
+    write_table(table, Path(out_dir) / "evaluation")
+    return table
+
+
+def write_table(table: pd.DataFrame, stem: Path) -> None:
+    """Write ``stem.csv`` and ``stem.md`` (GitHub Markdown)."""
+    with atomic_write(stem.with_suffix(".csv"), newline="") as handle:
+        table.to_csv(handle, index=False, float_format="%.4f")
+    with atomic_write(stem.with_suffix(".md")) as handle:
+        handle.write(table.to_markdown(index=False, floatfmt=".3f") + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m similar_finder.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("labelled_dir", help="folder with one subfolder of photos per class")
+    parser.add_argument("--features", default=None, help="feature CSV (default: data/eval/<folder>.csv)")
+    _cli.add_backbone_arguments(parser)
+    parser.add_argument("-k", type=int, default=5, help="results per query scored (default: 5)")
+    parser.add_argument("--out", default=str(OUTPUT_DIR), help="folder for evaluation.csv / .md")
+    args = parser.parse_args(argv)
+    table = evaluate(args.labelled_dir, features_csv=args.features, backbone=args.backbone, k=args.k,
+                     out_dir=args.out, pooling=args.pooling, input_size=args.input_size, weights=args.weights)
+    print(f"\nbackbone: {table.attrs['backbone']}")
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+    print(f"\nwritten: {Path(args.out) / 'evaluation.csv'} and evaluation.md")
+
+
+if __name__ == "__main__":
+    sys.exit(_cli.run(main))

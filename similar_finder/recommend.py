@@ -1,0 +1,299 @@
+"""The improved approach: thresholded nearest neighbours by cosine distance.
+
+``recommend(file, n_sample)`` returns the library images most similar to
+``file`` (a new photo, or one of the library's), closest first, as a DataFrame
+of ``(path, distance)``. Only neighbours closer than the threshold are returned,
+so fewer than ``n_sample``, or none ("No similar images found"), is a normal
+and honest answer. :class:`Recommender` is the reusable object behind it
+(``fit`` / ``kneighbors`` / ``recommend``); :func:`calibrate_threshold` picks the
+threshold from labelled data or from the library's own distances.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._io import DEFAULT_FEATURES, read_json, write_json
+from .clustering import l2_normalize
+from .features import FeatureFiles, load_features, query_vector
+
+log = logging.getLogger("similar_finder")
+
+METRICS = ("cosine", "euclidean", "manhattan")
+NO_RESULTS = "No similar images found"
+FAISS_EXACT_BELOW = 10_000  # below this, an exact flat index is as fast as an inverted one
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric
+
+
+def pairwise_distances(queries: np.ndarray, library: np.ndarray, metric: str = "cosine",
+                       *, library_normalized: bool = False) -> np.ndarray:
+    """Distances between every query and every library vector, as one matrix product.
+
+    cosine is ``1 - cos`` (0 identical direction, 1 orthogonal, 2 opposite).
+    """
+    q = np.atleast_2d(np.asarray(queries, np.float32))
+    if metric == "cosine":
+        x = library if library_normalized else l2_normalize(library)
+        return 1.0 - l2_normalize(q) @ x.T
+    if metric == "euclidean":
+        squared = (q * q).sum(1)[:, None] + (library * library).sum(1)[None, :] - 2.0 * (q @ library.T)
+        return np.sqrt(np.maximum(squared, 0.0))
+    from sklearn.metrics import pairwise_distances as sk_pairwise
+
+    return sk_pairwise(q, library, metric="manhattan").astype(np.float32)
+
+
+def nearest_neighbour_distances(features: np.ndarray, metric: str = "cosine", *, k: int = 1,
+                                center: bool = True, max_queries: int = 5_000, random_state: int = 0):
+    """Distances from (a sample of) the library's images to their ``k`` nearest other images."""
+    model = Recommender(metric=metric, threshold=np.inf, center=center).fit(features)
+    rows = np.arange(len(features))
+    if len(rows) > max_queries:
+        rows = np.sort(np.random.default_rng(random_state).choice(rows, max_queries, replace=False))
+    distances, indices = model.kneighbors(np.asarray(features)[rows], k, exclude=rows)
+    return distances, indices, rows
+
+
+def calibrate_threshold(features: np.ndarray, labels=None, metric: str = "cosine", *,
+                        center: bool = True, max_queries: int = 5_000) -> dict:
+    """Choose the distance under which a neighbour counts as similar.
+
+    With ``labels`` (one class per image) the question is the one a user asks:
+    is the nearest image of the same class (answer it) or is there none in the
+    library (say "No similar images found")? For every image, the distance to
+    its nearest same-class image is a positive and the distance to its nearest
+    other-class image a negative; the threshold maximises TPR - FPR (Youden's J)
+    and sits midway in the gap where J is best, for a margin on both sides.
+
+    Without labels: Tukey's upper fence of the nearest-neighbour distances,
+    Q3 + 1.5 IQR. Nearly every library image then has a neighbour within it,
+    while a photo farther from the library than its images usually are from each
+    other gets no answer.
+
+    Distances are those of ``Recommender(metric, center=center)``, so the
+    threshold fits the recommender it is used with. Returns ``{"value",
+    "method", "metric", ...}``, ready for :func:`save_threshold`.
+    """
+    _check_metric(metric)
+    features = np.asarray(features, np.float32)
+    if len(features) < 3:
+        raise ValueError("at least 3 images are needed to calibrate a threshold")
+    if labels is None:
+        distances, _, _ = nearest_neighbour_distances(features, metric, k=1, center=center,
+                                                      max_queries=max_queries)
+        q1, q3 = np.percentile(distances[:, 0], [25, 75])
+        return {"value": float(q3 + 1.5 * (q3 - q1)), "method": "nn-tukey-fence", "metric": metric, "center": center,
+                "images": len(features)}
+    from sklearn.metrics import roc_curve
+
+    labels = np.asarray(labels)
+    if len(labels) != len(features):
+        raise ValueError(f"{len(labels)} labels for {len(features)} images")
+    rows = np.arange(len(features))
+    if len(rows) > max_queries:
+        rows = np.sort(np.random.default_rng(0).choice(rows, max_queries, replace=False))
+    model = Recommender(metric, np.inf, center=center).fit(features)
+    positives, negatives = [], []
+    for start in range(0, len(rows), 512):
+        block_rows = rows[start:start + 512]
+        block = model.distances(features[block_rows])
+        block[np.arange(len(block_rows)), block_rows] = np.inf
+        same = labels[block_rows][:, None] == labels[None, :]
+        positives.append(np.where(same, block, np.inf).min(1))
+        negatives.append(np.where(same, np.inf, block).min(1))
+    positives, negatives = np.concatenate(positives), np.concatenate(negatives)
+    positives, negatives = positives[np.isfinite(positives)], negatives[np.isfinite(negatives)]
+    if not len(positives) or not len(negatives):
+        raise ValueError("calibration needs classes with at least two images and at least two classes")
+    truth = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+    fpr, tpr, thresholds = roc_curve(truth, -np.r_[positives, negatives], drop_intermediate=False)
+    best = int(np.argmax(tpr - fpr))
+    low = -thresholds[best]
+    high = -thresholds[best + 1] if best + 1 < len(thresholds) else low
+    return {"value": float((low + high) / 2), "method": "labelled-youden", "metric": metric, "center": center,
+            "images": len(features), "tpr": float(tpr[best]), "fpr": float(fpr[best])}
+
+
+def save_threshold(calibration: dict, features_csv: str | os.PathLike = DEFAULT_FEATURES) -> None:
+    """Store a calibrated threshold in the features sidecar; ``recommend`` then uses it by default."""
+    meta_path = FeatureFiles(Path(features_csv)).meta
+    meta = read_json(meta_path)
+    meta.setdefault("thresholds", {})[calibration["metric"]] = calibration
+    write_json(meta_path, meta)
+    _default_recommender.cache_clear()
+
+
+class Recommender:
+    """Nearest neighbours over a feature matrix, with a distance threshold.
+
+    ``fit(features, paths=None, meta=None)`` keeps the library in memory (unit
+    vectors for cosine); ``kneighbors`` answers many queries with one matrix
+    product and ``argpartition``; ``recommend(file, n_sample)`` answers for an
+    image file.
+
+    With ``center=True`` (default, cosine only) the library's mean vector is
+    subtracted before normalising. CNN features after ReLU all point into one
+    corner of the space, so plain cosine similarities crowd together; centring
+    spreads them (on the shared photos: precision@5 0.87 → 0.91 on food, mAP
+    0.46 → 0.49 on clothing). Distances stay ``1 - cos`` of the centred vectors.
+
+    ``index="faiss"`` uses a FAISS index (``pip install faiss-cpu``)
+    for very large libraries: exact below 10k images, an inverted-file index
+    (approximate, ``nprobe`` lists searched) above.
+    """
+
+    def __init__(self, metric: str = "cosine", threshold: float | None = None, *,
+                 center: bool = True, index: str = "brute", nprobe: int = 16):
+        self.metric = _check_metric(metric)
+        self.center = center
+        if index not in ("brute", "faiss"):
+            raise ValueError(f"index must be 'brute' or 'faiss', got {index!r}")
+        self.threshold, self.index, self.nprobe = threshold, index, nprobe
+
+    @classmethod
+    def from_features(cls, csv: str | os.PathLike = DEFAULT_FEATURES, **kwargs) -> "Recommender":
+        paths, matrix, meta = load_features(csv)
+        return cls(**kwargs).fit(matrix, paths, meta)
+
+    def fit(self, features: np.ndarray, paths: list[str] | None = None, meta: dict | None = None):
+        features = np.asarray(features, np.float32)
+        if features.ndim != 2 or len(features) == 0:
+            raise ValueError("features must be a non-empty 2-D array (images x dimensions)")
+        self.paths_ = list(paths) if paths is not None else [str(i) for i in range(len(features))]
+        self.meta_ = meta or {}
+        self.raw_ = features  # the caller's array, kept for lookups and calibration (no copy)
+        self.mean_ = features.mean(0) if self.center and self.metric == "cosine" else None
+        self.library_ = self._transform(features)
+        self.faiss_index_ = self._build_faiss() if self.index == "faiss" else None
+        self.threshold_ = self._resolve_threshold()
+        return self
+
+    def _transform(self, vectors: np.ndarray) -> np.ndarray:
+        """Raw feature vectors into the space distances are measured in."""
+        vectors = np.atleast_2d(np.asarray(vectors, np.float32))
+        if self.metric != "cosine":
+            return vectors
+        return l2_normalize(vectors - self.mean_ if self.mean_ is not None else vectors)
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        """Distance of each raw query vector to every library vector."""
+        return pairwise_distances(self._transform(queries), self.library_, self.metric, library_normalized=True)
+
+    def _resolve_threshold(self) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        stored = self.meta_.get("thresholds", {}).get(self.metric)
+        if stored is not None and stored.get("center", True) == self.center:
+            return float(stored["value"])
+        if len(self.library_) < 3:
+            return float("inf")
+        return calibrate_threshold(self.raw_, metric=self.metric, center=self.center)["value"]
+
+    def _build_faiss(self):
+        try:
+            import faiss
+        except ImportError as exc:
+            raise ImportError("index='faiss' needs FAISS: pip install faiss-cpu") from exc
+        if self.metric == "manhattan":
+            raise ValueError("the FAISS index supports the cosine and euclidean metrics; use index='brute'")
+        n, dim = self.library_.shape
+        inner = self.metric == "cosine"
+        metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
+        if n < FAISS_EXACT_BELOW:
+            index = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
+        else:
+            nlist = int(min(4 * np.sqrt(n), n // 39))
+            quantizer = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+            sample = np.random.default_rng(0).choice(n, min(n, nlist * 64), replace=False)
+            index.train(self.library_[np.sort(sample)])
+            index.nprobe = self.nprobe
+        index.add(self.library_)
+        return index
+
+    def kneighbors(self, queries: np.ndarray, n_neighbors: int = 5, *, exclude=None):
+        """``(distances, indices)`` of each query's ``n_neighbors`` nearest library vectors, closest first.
+
+        ``queries`` are raw feature vectors, like those given to ``fit``.
+        ``exclude`` gives, per query, a library row to leave out (its own row, or -1).
+        No threshold is applied here.
+        """
+        queries = np.atleast_2d(np.asarray(queries, np.float32))
+        n = len(self.library_)
+        if queries.shape[1] != self.library_.shape[1]:
+            raise ValueError(f"queries are {queries.shape[1]}-d but the library is {self.library_.shape[1]}-d")
+        exclude = np.full(len(queries), -1) if exclude is None else np.asarray(exclude).reshape(-1)
+        k = min(int(n_neighbors), n - int((exclude >= 0).any()))
+        if k < 1:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), int)
+        if self.faiss_index_ is not None:
+            return self._faiss_kneighbors(queries, k, exclude)
+        out_d = np.empty((len(queries), k), np.float32)
+        out_i = np.empty((len(queries), k), np.int64)
+        step = max(1, 2 ** 25 // n)  # bound the query x library block to ~128 MB
+        for start in range(0, len(queries), step):
+            block = self.distances(queries[start:start + step])
+            rows = np.arange(len(block))
+            own = exclude[start:start + step]
+            block[rows[own >= 0], own[own >= 0]] = np.inf
+            part = np.argpartition(block, k - 1, axis=1)[:, :k]
+            part_d = np.take_along_axis(block, part, 1)
+            order = np.argsort(part_d, axis=1, kind="stable")
+            out_i[start:start + step] = np.take_along_axis(part, order, 1)
+            out_d[start:start + step] = np.take_along_axis(part_d, order, 1)
+        return out_d, out_i
+
+    def _faiss_kneighbors(self, queries, k, exclude):
+        q = self._transform(queries)
+        scores, indices = self.faiss_index_.search(np.ascontiguousarray(q), k + 1)
+        distances = 1.0 - scores if self.metric == "cosine" else np.sqrt(np.maximum(scores, 0))
+        distances[(indices == exclude[:, None]) | (indices < 0)] = np.inf
+        order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+
+    def recommend(self, file, n_sample: int = 4, threshold: float | None = None) -> pd.DataFrame:
+        """The library images closest to ``file`` and under the threshold: ``(path, distance)``."""
+        if int(n_sample) < 1:
+            raise ValueError(f"n_sample must be at least 1, got {n_sample}")
+        vector, own_row = query_vector(file, self.paths_, self.raw_, self.meta_)
+        distances, indices = self.kneighbors(vector, n_sample, exclude=[-1 if own_row is None else own_row])
+        limit = self.threshold_ if threshold is None else float(threshold)
+        keep = distances[0] < limit
+        result = pd.DataFrame({"path": [self.paths_[i] for i in indices[0][keep]],
+                               "distance": distances[0][keep].astype(float)})
+        result.attrs.update(threshold=limit, message=None if len(result) else NO_RESULTS)
+        return result
+
+
+@functools.lru_cache(maxsize=4)
+def _default_recommender(csv: str, stamp: tuple, metric: str) -> Recommender:
+    return Recommender.from_features(csv, metric=metric)
+
+
+def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: str = "cosine", *,
+              features: str | os.PathLike = DEFAULT_FEATURES, verbose: bool = True) -> pd.DataFrame:
+    """The ``n_sample`` most similar library images to ``file``, closest first, under the threshold.
+
+    ``threshold=None`` uses the threshold calibrated for this features file
+    (stored in its sidecar), else the unlabelled rule of :func:`calibrate_threshold`.
+    An empty result means "No similar images found", which is printed when ``verbose``.
+    """
+    _check_metric(metric)
+    csv = Path(features).expanduser().resolve()
+    meta_file = FeatureFiles(csv).meta
+    # The cache key changes when the features or the stored threshold change.
+    stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (csv, meta_file))
+    result = _default_recommender(str(csv), stamp, metric).recommend(file, n_sample, threshold)
+    if verbose and result.empty:
+        print(NO_RESULTS)
+    return result

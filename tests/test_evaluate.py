@@ -1,0 +1,37 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from similar_finder.evaluate import evaluate, labels_from_paths, retrieval_scores
+
+
+def test_retrieval_scores_by_hand():
+    labels = np.array(["a", "a", "a", "b", "b"])
+    rankings = [np.array([1, 3, 2, 4]), np.array([3, 4]), np.array([0, 1]),
+                np.array([4]), np.array([])]
+    scores = retrieval_scores(rankings, labels, k=2)
+    # precision@2: 1/2, 0, 2/2, 1/2, 0
+    assert scores["precision@2"] == pytest.approx((0.5 + 0 + 1 + 0.5 + 0) / 5)
+    # recall@2: 1/2, 0, 2/2, 1/1, 0
+    assert scores["recall@2"] == pytest.approx((0.5 + 0 + 1 + 1 + 0) / 5)
+    # AP: query 0 finds hits at ranks 1 and 3 -> (1/1 + 2/3) / 2
+    assert scores["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 0 + 1 + 1 + 0) / 5)
+
+
+def test_labels_need_class_subfolders():
+    assert list(labels_from_paths(["cat/1.jpg", "dog/2.jpg"])) == ["cat", "dog"]
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        labels_from_paths(["1.jpg", "dog/2.jpg"])
+
+
+def test_evaluate_writes_the_comparison_table(food_db, food_features, tmp_path):
+    table = evaluate(food_db, features_csv=food_features, out_dir=tmp_path, progress=False)
+    methods = list(table["method"])
+    assert methods[0] == "cosine recommender" and "raw pixels, cosine" in methods
+    assert sum(m.startswith("K-Means baseline") for m in methods) == 2
+    written = pd.read_csv(tmp_path / "evaluation.csv")
+    assert list(written["method"]) == methods
+    markdown = (tmp_path / "evaluation.md").read_text()
+    assert "| cosine recommender" in markdown and "precision@5" in markdown
+    pixels = table.set_index("method").loc["raw pixels, cosine", "precision@5"]
+    assert pixels < 0.5 < table.loc[0, "precision@5"]  # learnt features far above raw pixels

@@ -1,0 +1,130 @@
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.neighbors import NearestNeighbors
+
+from conftest import FOOD_QUERIES, labels_of
+from similar_finder import load_features
+from similar_finder.evaluate import evaluate_features, threshold_honesty
+from similar_finder.recommend import (NO_RESULTS, Recommender, calibrate_threshold, recommend,
+                                      save_threshold)
+
+
+@pytest.fixture(scope="module")
+def library(food_features, tmp_path_factory):
+    """A private copy of the food features with a labelled threshold stored in its sidecar."""
+    folder = tmp_path_factory.mktemp("rec") / "feat"
+    shutil.copytree(food_features.parent, folder)
+    csv = folder / food_features.name
+    paths, matrix, _ = load_features(csv)
+    save_threshold(calibrate_threshold(matrix, labels_of(paths)), csv)
+    return csv
+
+
+def test_cosine_beats_the_kmeans_baseline(library):
+    paths, matrix, _ = load_features(library)
+    table = evaluate_features(matrix, labels_of(paths)).set_index("method")
+    cosine = table.loc["cosine recommender", "precision@5"]
+    kmeans = table.filter(like="K-Means", axis=0)["precision@5"]
+    assert cosine >= 0.8 and (cosine >= kmeans).all(), table
+
+
+def test_new_photos_get_their_own_class_first(library):
+    for query in sorted(FOOD_QUERIES.iterdir()):
+        result = recommend(query, 3, features=library)
+        assert len(result) >= 1, f"{query.name}: no result under the calibrated threshold"
+        assert result["path"][0].split("/")[0] == query.name.split("_")[0]
+        assert result["distance"].is_monotonic_increasing
+
+
+def test_unrelated_images_get_no_similar_images_found(library, tmp_path, capsys):
+    import skimage.data
+
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "astronaut.png")
+    noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    for name in ("astronaut.png", "noise.png"):
+        result = recommend(tmp_path / name, 5, features=library)
+        assert result.empty and result.attrs["message"] == NO_RESULTS
+        assert capsys.readouterr().out.strip() == NO_RESULTS
+
+
+def test_held_out_classes_mostly_get_no_results(library):
+    paths, matrix, _ = load_features(library)
+    honesty = threshold_honesty(matrix, labels_of(paths))
+    assert honesty["held-out: no result"] > 0.5
+    assert honesty["in library: answered"] > 0.5
+
+
+def test_a_library_image_never_recommends_itself(library, food_db):
+    paths, _, _ = load_features(library)
+    for path in paths[::5]:
+        result = recommend(food_db / path, 100, threshold=2.0, features=library, verbose=False)
+        assert path not in set(result["path"]) and len(result) == len(paths) - 1  # more than exist: no error
+
+
+def test_kneighbors_matches_scikit_learn(library):
+    _, matrix, _ = load_features(library)
+    queries = 0.8 * matrix[:7] + 0.2 * matrix[7:14]  # near, but not on, library points
+    for metric in ("cosine", "euclidean", "manhattan"):
+        ours = Recommender(metric, center=False).fit(matrix)
+        d, i = ours.kneighbors(queries, 4)
+        ref = NearestNeighbors(n_neighbors=4, metric=metric, algorithm="brute").fit(matrix)
+        ref_d, ref_i = ref.kneighbors(queries)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(d, ref_d, rtol=1e-4, atol=1e-4)
+
+
+def test_centering_is_cosine_of_mean_centred_vectors(library):
+    _, matrix, _ = load_features(library)
+    centred = matrix - matrix.mean(0)
+    d, i = Recommender().fit(matrix).kneighbors(matrix[:5], 3, exclude=np.arange(5))
+    ref_d, ref_i = NearestNeighbors(n_neighbors=4, metric="cosine").fit(centred).kneighbors(centred[:5])
+    np.testing.assert_array_equal(i, ref_i[:, 1:])
+    np.testing.assert_allclose(d, ref_d[:, 1:], atol=1e-4)
+
+
+def test_faiss_index_gives_the_same_answers():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 64)).astype(np.float32)
+    data = centres[rng.integers(0, 40, 12_000)] + 0.1 * rng.standard_normal((12_000, 64)).astype(np.float32)
+    for metric in ("cosine", "euclidean"):
+        brute = Recommender(metric).fit(data).kneighbors(data[:50], 10, exclude=np.arange(50))[1]
+        approx = Recommender(metric, index="faiss").fit(data).kneighbors(data[:50], 10, exclude=np.arange(50))[1]
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, brute)])
+        assert recall >= 0.9, (metric, recall)
+
+
+def test_unlabelled_threshold_is_the_tukey_fence_of_nearest_neighbour_distances(library):
+    _, matrix, _ = load_features(library)
+    result = calibrate_threshold(matrix, center=False)
+    nn = NearestNeighbors(n_neighbors=2, metric="cosine").fit(matrix).kneighbors(matrix)[0][:, 1]
+    q1, q3 = np.percentile(nn, [25, 75])
+    assert result["method"] == "nn-tukey-fence"
+    assert result["value"] == pytest.approx(q3 + 1.5 * (q3 - q1), abs=1e-4)
+
+
+def test_stored_threshold_is_the_default(library):
+    stored = load_features(library)[2]["thresholds"]["cosine"]
+    assert stored["method"] == "labelled-youden"
+    assert Recommender.from_features(library).threshold_ == pytest.approx(stored["value"])
+
+
+def test_errors_are_specific(library, tmp_path):
+    query = sorted(FOOD_QUERIES.iterdir())[0]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        recommend(tmp_path / "missing.jpg", features=library)
+    (tmp_path / "fake.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image"):
+        recommend(tmp_path / "fake.jpg", features=library)
+    with pytest.raises(Exception, match="python -m similar_finder.extract"):
+        recommend(query, features=tmp_path / "none.csv")
+    with pytest.raises(ValueError, match="n_sample must be at least 1"):
+        recommend(query, 0, features=library)
+    with pytest.raises(ValueError, match="unknown metric 'cosin'"):
+        recommend(query, metric="cosin", features=library)
+    with pytest.raises(ValueError, match="FAISS index supports"):
+        Recommender("manhattan", index="faiss").fit(np.ones((5, 3)))
