@@ -31,10 +31,30 @@ class ClusteringError(RuntimeError):
     """A saved model or a features file does not fit the request."""
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray, *, copy: bool = True) -> np.ndarray:
+    """Unit-length rows; ``copy=False`` divides in place (a library can be gigabytes)."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    norms = np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    if copy:
+        return x / norms
+    x /= norms
+    return x
+
+
+def rank_cluster_members(unit: np.ndarray, labels: np.ndarray, query: np.ndarray, cluster: int,
+                         *, exclude: int | None = None, order: str = "distance"):
+    """Rows of ``cluster`` (own row excluded) and their cosine distances to the unit ``query``.
+
+    ``order="distance"``: closest first. ``order="file"``: in file (row) order.
+    """
+    members = np.flatnonzero(labels == cluster)
+    if exclude is not None:
+        members = members[members != exclude]
+    distance = 1.0 - unit[members] @ query
+    if order == "distance":
+        ranked = np.argsort(distance, kind="stable")
+        members, distance = members[ranked], distance[ranked]
+    return members, distance
 
 
 def _kmeans(k: int, n: int, random_state: int):
@@ -201,18 +221,12 @@ def recommend_by_cluster(
     _check_compatible(kmeans, meta, matrix)
     vector, own_row = query_vector(file, paths, matrix, meta)
     cluster = int(kmeans.predict(vector)[0])
-    labels = kmeans.predict(matrix)
-    members = np.flatnonzero(labels == cluster)
-    members = members[members != own_row] if own_row is not None else members
-    distance = 1.0 - l2_normalize(matrix[members]) @ l2_normalize(vector)
-    if order == "distance":
-        chosen = np.argsort(distance, kind="stable")[:n_sample]
-    else:
-        chosen = np.arange(min(n_sample, len(members)))
+    members, distance = rank_cluster_members(l2_normalize(matrix), kmeans.predict(matrix), l2_normalize(vector),
+                                             cluster, exclude=own_row, order=order)
     return pd.DataFrame({
-        "path": [paths[i] for i in members[chosen]],
+        "path": [paths[i] for i in members[:n_sample]],
         "cluster": cluster,
-        "distance": distance[chosen].astype(float),
+        "distance": distance[:n_sample].astype(float),
     })
 
 

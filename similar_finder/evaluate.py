@@ -21,7 +21,7 @@ import pandas as pd
 
 from . import _cli
 from ._io import DATA_DIR, OUTPUT_DIR, atomic_write
-from .clustering import KMeansBaseline, l2_normalize
+from .clustering import KMeansBaseline, l2_normalize, rank_cluster_members
 from .recommend import Recommender, calibrate_threshold
 
 PIXEL_SIZE = 32  # raw-pixel baseline: 32 x 32 RGB thumbnails, 3072 values
@@ -67,13 +67,8 @@ def _cluster_rankings(matrix: np.ndarray, order: str, k_range) -> tuple[list[np.
     model = KMeansBaseline(k_range=k_range, verbose=False).fit(matrix)
     labels = model.labels_
     unit = l2_normalize(matrix)
-    rankings = []
-    for query in range(len(matrix)):
-        members = np.flatnonzero(labels == labels[query])
-        members = members[members != query]
-        if order == "distance":
-            members = members[np.argsort(1.0 - unit[members] @ unit[query], kind="stable")]
-        rankings.append(members)
+    rankings = [rank_cluster_members(unit, labels, unit[query], labels[query], exclude=query, order=order)[0]
+                for query in range(len(matrix))]
     return rankings, model.k_
 
 

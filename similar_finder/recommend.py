@@ -173,8 +173,11 @@ class Recommender:
         self.meta_ = meta or {}
         self.raw_ = features  # the caller's array, kept for lookups and calibration (no copy)
         self.mean_ = features.mean(0) if self.center and self.metric == "cosine" else None
-        self.library_ = self._transform(features)
-        self.faiss_index_ = self._build_faiss() if self.index == "faiss" else None
+        if self.index == "faiss":
+            # FAISS holds its own copy of the library; a second one in NumPy would double the memory.
+            self.library_, self.faiss_index_ = None, self._build_faiss(features)
+        else:
+            self.library_, self.faiss_index_ = self._transform(features), None
         self.threshold_ = self._resolve_threshold()
         return self
 
@@ -183,11 +186,14 @@ class Recommender:
         vectors = np.atleast_2d(np.asarray(vectors, np.float32))
         if self.metric != "cosine":
             return vectors
-        return l2_normalize(vectors - self.mean_ if self.mean_ is not None else vectors)
+        if self.mean_ is None:
+            return l2_normalize(vectors)
+        return l2_normalize(vectors - self.mean_, copy=False)  # normalise the fresh centred copy in place
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
         """Distance of each raw query vector to every library vector."""
-        return pairwise_distances(self._transform(queries), self.library_, self.metric, library_normalized=True)
+        library = self.library_ if self.library_ is not None else self._transform(self.raw_)
+        return pairwise_distances(self._transform(queries), library, self.metric, library_normalized=True)
 
     def _resolve_threshold(self) -> float:
         if self.threshold is not None:
@@ -195,30 +201,33 @@ class Recommender:
         stored = self.meta_.get("thresholds", {}).get(self.metric)
         if stored is not None and stored.get("center", True) == self.center:
             return float(stored["value"])
-        if len(self.library_) < 3:
+        if len(self.raw_) < 3:
             return float("inf")
         return calibrate_threshold(self.raw_, metric=self.metric, center=self.center)["value"]
 
-    def _build_faiss(self):
+    def _build_faiss(self, features: np.ndarray):
         try:
             import faiss
         except ImportError as exc:
             raise ImportError("index='faiss' needs FAISS: pip install faiss-cpu") from exc
         if self.metric == "manhattan":
             raise ValueError("the FAISS index supports the cosine and euclidean metrics; use index='brute'")
-        n, dim = self.library_.shape
+        n, dim = features.shape
         inner = self.metric == "cosine"
         metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
         if n < FAISS_EXACT_BELOW:
             index = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
         else:
-            nlist = int(min(4 * np.sqrt(n), n // 39))
+            # sqrt(n) lists trained on 39 points each (FAISS's minimum) keeps training to
+            # seconds at 100k and about a minute at 1M on two cores.
+            nlist = int(np.sqrt(n))
             quantizer = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
-            sample = np.random.default_rng(0).choice(n, min(n, nlist * 64), replace=False)
-            index.train(self.library_[np.sort(sample)])
+            sample = np.sort(np.random.default_rng(0).choice(n, min(n, nlist * 39), replace=False))
+            index.train(self._transform(features[sample]))
             index.nprobe = self.nprobe
-        index.add(self.library_)
+        for start in range(0, n, 65_536):  # add in blocks: no full transformed copy at once
+            index.add(self._transform(features[start:start + 65_536]))
         return index
 
     def kneighbors(self, queries: np.ndarray, n_neighbors: int = 5, *, exclude=None):
@@ -229,9 +238,9 @@ class Recommender:
         No threshold is applied here.
         """
         queries = np.atleast_2d(np.asarray(queries, np.float32))
-        n = len(self.library_)
-        if queries.shape[1] != self.library_.shape[1]:
-            raise ValueError(f"queries are {queries.shape[1]}-d but the library is {self.library_.shape[1]}-d")
+        n, dim = self.raw_.shape
+        if queries.shape[1] != dim:
+            raise ValueError(f"queries are {queries.shape[1]}-d but the library is {dim}-d")
         exclude = np.full(len(queries), -1) if exclude is None else np.asarray(exclude).reshape(-1)
         k = min(int(n_neighbors), n - int((exclude >= 0).any()))
         if k < 1:

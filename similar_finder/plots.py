@@ -1,0 +1,161 @@
+"""Pictures of the results, drawn with matplotlib's object API (no display needed).
+
+Every function returns a ``matplotlib.figure.Figure`` (shown inline in a
+notebook) and :func:`save_figure` writes one atomically:
+``recommendation_grid`` (a query and its results), ``tsne_map`` (the library's
+feature space in 2-D), ``silhouette_curve`` (silhouette against k) and
+``distance_histogram`` (nearest-neighbour distances with the threshold).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ._io import atomic_write
+from .images import ImageError, load_image
+
+THUMB = 160  # pixels of a thumbnail in a grid
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    path = Path(path)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _thumbnail(path: Path, size: int = THUMB) -> np.ndarray:
+    try:
+        return load_image(path, size)[0]
+    except (ImageError, OSError):
+        return np.full((size, size, 3), 200, np.uint8)  # a grey tile: the file went missing or bad
+
+
+def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_root: str | os.PathLike,
+                        *, title: str | None = None, query_label: str | None = None) -> Figure:
+    """The query, large, then each result with its distance (and class, when known) beneath.
+
+    ``results`` has ``path`` (relative to ``images_root``) and ``distance``
+    columns, and optionally ``label``. An empty ``results`` draws a clear
+    "No similar images found" panel.
+    """
+    from .recommend import NO_RESULTS
+
+    n = max(len(results), 1)
+    fig = Figure(figsize=(2.2 * (n + 2), 4.4))
+    grid = fig.add_gridspec(2, n + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.imshow(_thumbnail(Path(query), 2 * THUMB))
+    ax.set_title(f"query: {Path(query).name}" + (f"\n({query_label})" if query_label else ""), fontsize=10)
+    ax.axis("off")
+    if results.empty:
+        ax = fig.add_subplot(grid[:, 2:])
+        ax.text(0.5, 0.5, NO_RESULTS, ha="center", va="center", fontsize=16, color="firebrick", wrap=True)
+        ax.axis("off")
+    for i, row in enumerate(results.itertuples(index=False)):
+        ax = fig.add_subplot(grid[:, i + 2])
+        ax.imshow(_thumbnail(Path(images_root) / row.path))
+        caption = f"d = {row.distance:.3f}"
+        label = getattr(row, "label", None)
+        if label:
+            caption += f"\n{label}"
+            if query_label:
+                ax.patch.set_edgecolor("seagreen" if label == query_label else "firebrick")
+        ax.set_title(caption, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_linewidth(3)
+            spine.set_edgecolor("seagreen" if label and label == query_label else
+                                "firebrick" if label and query_label else "none")
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def tsne_embedding(matrix: np.ndarray, *, random_state: int = 0) -> np.ndarray:
+    """2-D t-SNE of the (unit-normalised) features, perplexity adapted to the library's size."""
+    from sklearn.manifold import TSNE
+
+    from .clustering import l2_normalize
+
+    n = len(matrix)
+    if n < 5:
+        raise ValueError(f"t-SNE needs at least 5 images, got {n}")
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
+    tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=random_state, metric="cosine")
+    return tsne.fit_transform(l2_normalize(matrix))
+
+
+def tsne_map(points: np.ndarray, colours: dict[str, np.ndarray], *, paths=None,
+             images_root: str | os.PathLike | None = None, thumbnails: int = 0, title: str = "") -> Figure:
+    """One panel per colouring (e.g. ``{"K-Means cluster": ..., "class": ...}``) of 2-D points.
+
+    With ``thumbnails=N`` (and ``paths``), N images are drawn at their points.
+    """
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    fig = Figure(figsize=(7 * len(colours), 6.5))
+    for panel, (name, values) in enumerate(colours.items(), start=1):
+        ax = fig.add_subplot(1, len(colours), panel)
+        values = np.asarray(values)
+        names = sorted(set(values.tolist()), key=str)
+        cmap = "tab10" if len(names) <= 10 else "tab20"
+        for i, value in enumerate(names):
+            mask = values == value
+            ax.scatter(points[mask, 0], points[mask, 1], s=14, label=str(value),
+                       color=_palette(cmap, i), alpha=0.8)
+        if thumbnails and paths is not None and images_root is not None:
+            chosen = np.linspace(0, len(points) - 1, min(thumbnails, len(points))).astype(int)
+            for i in chosen:
+                box = OffsetImage(_thumbnail(Path(images_root) / paths[i], 40), zoom=0.6)
+                ax.add_artist(AnnotationBbox(box, points[i], frameon=False))
+        if len(names) <= 20:
+            ax.legend(fontsize=7, markerscale=1.5, loc="best", title=name, title_fontsize=8)
+        ax.set_title(f"t-SNE, coloured by {name}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _palette(cmap: str, i: int):
+    import matplotlib
+
+    colours = matplotlib.colormaps[cmap].colors
+    return colours[i % len(colours)]
+
+
+def silhouette_curve(table: pd.DataFrame, best_k: int | None = None) -> Figure:
+    """Silhouette score against k, the chosen k marked."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.plot(table["k"], table["silhouette"], marker="o")
+    if best_k is not None:
+        best = table.loc[table["k"] == best_k, "silhouette"].iloc[0]
+        ax.scatter([best_k], [best], s=150, facecolors="none", edgecolors="firebrick", linewidths=2,
+                   label=f"chosen k = {best_k}")
+        ax.legend()
+    ax.set_xlabel("k (number of clusters)")
+    ax.set_ylabel("mean silhouette score")
+    ax.set_title("Choosing k for the K-Means baseline")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def distance_histogram(distances: np.ndarray, threshold: float, *, label: str = "") -> Figure:
+    """Histogram of nearest-neighbour distances with the threshold as a vertical line."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.hist(np.asarray(distances).ravel(), bins=30, color="steelblue", alpha=0.8)
+    ax.axvline(threshold, color="firebrick", linestyle="--", label=f"threshold {threshold:.3f} {label}".strip())
+    ax.set_xlabel("distance to the nearest other image")
+    ax.set_ylabel("images")
+    ax.set_title("Nearest-neighbour distances in the library")
+    ax.legend()
+    return fig

@@ -1,0 +1,66 @@
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from similar_finder.run_all import run_all
+
+
+def _assert_real_picture(path, min_side=150):
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("L"), dtype=float)
+    assert min(pixels.shape) >= min_side, (path, pixels.shape)
+    assert pixels.std() > 10, f"{path} looks blank"
+
+
+@pytest.fixture(scope="module")
+def food_run(food_db, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "food"
+    return run_all(food_db, out=out, backbone="efficientnet_lite0", progress=False), out
+
+
+def test_food_run_draws_every_grid_the_plots_and_the_report(food_run, food_db):
+    summary, out = food_run
+    images = sorted(p for p in food_db.rglob("*") if p.is_file())
+    for approach in ("cosine", "kmeans"):
+        grids = sorted((out / "rec" / approach).glob("*.png"))
+        assert len(grids) == len(images) == 36
+        for grid in grids[::9]:
+            _assert_real_picture(grid)
+    for plot in ("tsne.png", "silhouette.png", "distances.png"):
+        _assert_real_picture(out / plot, 250)
+    report = (out / "report.md").read_text()
+    assert f"k = {summary['k']}" in report and 4 <= summary["k"] <= 8
+    assert "| cosine recommender" in report and "K-Means baseline (distance order" in report
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "<table>" in html
+    assert pd.read_csv(out / "evaluation.csv")["method"].iloc[0] == "cosine recommender"
+
+
+def test_second_run_reuses_the_features(food_run, food_db):
+    first, out = food_run
+    second = run_all(food_db, out=out, backbone="efficientnet_lite0", progress=False, limit=3)
+    assert second["embedded"] == 0 and second["reused"] == 36
+    assert second["timings"]["extract features"] < first["timings"]["extract features"] / 3
+
+
+def test_embedded_default_and_a_corrupt_file(tmp_path):
+    from similar_finder.demo import ensure_demo_library
+
+    demo = ensure_demo_library()  # the real default location, data/demo
+    library = tmp_path / "library"
+    shutil.copytree(demo, library)
+    (library / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole JPEG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # offline, the default ResNet50 falls back to EfficientNet-Lite0
+        summary = run_all(library, out=tmp_path / "out", progress=False)
+    assert summary["backbone"] in ("resnet50", "efficientnet_lite0")
+    assert summary["usable"] == 60 and len(summary["skipped"]) == 1
+    assert len(list((tmp_path / "out" / "rec" / "cosine").glob("*.png"))) == 60
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "cat/broken.jpg" in report and "1 skipped" in report
+    table = summary["evaluation"].set_index("method")
+    assert table.loc["cosine recommender", "precision@5"] > 0.8
