@@ -22,7 +22,20 @@ _EXPORTS = {
     "KMeansBaseline": "clustering",
     "fit_baseline": "clustering",
     "recommend_by_cluster": "clustering",
+    "Recommender": "recommend",
+    "calibrate_threshold": "recommend",
+    "PROJECT_ROOT": "_io",
+    "DATA_DIR": "_io",
+    "OUTPUT_DIR": "_io",
 }
+
+
+# These functions share their module's name. Importing a submodule binds its name on the package,
+# so they are bound here, eagerly, to keep `similar_finder.recommend` the function whatever was
+# imported first. None of them imports Keras.
+from .evaluate import evaluate  # noqa: E402
+from .recommend import recommend  # noqa: E402
+from .run_all import run_all  # noqa: E402
 
 
 def __getattr__(name):
@@ -36,4 +49,4 @@ def __dir__():
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "evaluate", "recommend", "run_all"])

@@ -2,7 +2,8 @@
 
 Every function returns a ``matplotlib.figure.Figure`` (shown inline in a
 notebook) and :func:`save_figure` writes one atomically:
-``recommendation_grid`` (a query and its results), ``tsne_map`` (the library's
+``recommendation_grid`` (a query and its results), ``image_rows`` (rows of
+thumbnails, e.g. one per cluster), ``tsne_map`` (the library's
 feature space in 2-D), ``silhouette_curve`` (silhouette against k) and
 ``distance_histogram`` (nearest-neighbour distances with the threshold).
 """
@@ -74,6 +75,20 @@ def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_
                                 "firebrick" if label and query_label else "none")
     if title:
         fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def image_rows(rows: dict[str, list[str]], images_root: str | os.PathLike, *, per_row: int = 8) -> Figure:
+    """One row of thumbnails per entry, e.g. the first images of each cluster."""
+    fig = Figure(figsize=(1.6 * per_row, 1.8 * len(rows)))
+    for r, (name, paths) in enumerate(rows.items()):
+        for c in range(per_row):
+            ax = fig.add_subplot(len(rows), per_row, r * per_row + c + 1)
+            ax.axis("off")
+            if c < len(paths):
+                ax.imshow(_thumbnail(Path(images_root) / paths[c], 96))
+            if c == 0:
+                ax.set_title(str(name), fontsize=9, loc="left")
     return fig
 
 
