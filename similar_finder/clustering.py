@@ -34,7 +34,8 @@ class ClusteringError(RuntimeError):
 def l2_normalize(x: np.ndarray, *, copy: bool = True) -> np.ndarray:
     """Unit-length rows; ``copy=False`` divides in place (a library can be gigabytes)."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    # einsum sums the squares without np.linalg.norm's temporary copy of the whole array.
+    norms = np.maximum(np.sqrt(np.einsum("...i,...i->...", x, x))[..., None], 1e-12)
     if copy:
         return x / norms
     x /= norms
