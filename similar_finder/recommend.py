@@ -206,12 +206,12 @@ class Recommender:
         return calibrate_threshold(self.raw_, metric=self.metric, center=self.center)["value"]
 
     def _build_faiss(self, features: np.ndarray):
+        if self.metric not in ("cosine", "euclidean"):
+            raise ValueError("the FAISS index supports the cosine and euclidean metrics; use index='brute'")
         try:
             import faiss
         except ImportError as exc:
             raise ImportError("index='faiss' needs FAISS: pip install faiss-cpu") from exc
-        if self.metric == "manhattan":
-            raise ValueError("the FAISS index supports the cosine and euclidean metrics; use index='brute'")
         n, dim = features.shape
         inner = self.metric == "cosine"
         metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
