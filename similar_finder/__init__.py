@@ -30,12 +30,11 @@ _EXPORTS = {
 }
 
 
-# These functions share their module's name. Importing a submodule binds its name on the package,
-# so they are bound here, eagerly, to keep `similar_finder.recommend` the function whatever was
-# imported first. None of them imports Keras.
-from .evaluate import evaluate  # noqa: E402
+# `recommend` shares its module's name, and importing a submodule binds that name on the package;
+# binding the function here, eagerly, keeps `similar_finder.recommend` the function whatever was
+# imported first. It does not import Keras. (`evaluate` and `run_all` are command-line modules
+# too, so they are imported from their modules: `from similar_finder.run_all import run_all`.)
 from .recommend import recommend  # noqa: E402
-from .run_all import run_all  # noqa: E402
 
 
 def __getattr__(name):
@@ -49,4 +48,4 @@ def __dir__():
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = sorted([*_EXPORTS, "evaluate", "recommend", "run_all"])
+__all__ = sorted([*_EXPORTS, "recommend"])

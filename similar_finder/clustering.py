@@ -202,7 +202,7 @@ def recommend_by_cluster(
     n_sample: int = 4,
     order: str = "distance",
     *,
-    features: str | os.PathLike = DEFAULT_FEATURES,
+    library: str | os.PathLike = DEFAULT_FEATURES,
     model: KMeansBaseline | str | os.PathLike = DEFAULT_MODEL,
 ) -> pd.DataFrame:
     """Images of the query's predicted cluster: ``(path, cluster, distance)``.
@@ -210,14 +210,14 @@ def recommend_by_cluster(
     ``order="distance"`` ranks them by cosine distance to the query;
     ``order="file"`` takes the first ones in file order, as the original
     notebook did (kept for comparison: every query of a cluster then gets the
-    same images). A library image is looked up, not re-embedded, and never
-    recommends itself.
+    same images). ``library`` is the feature CSV. A library image is looked up,
+    not re-embedded, and never recommends itself.
     """
     if n_sample < 1:
         raise ValueError(f"n_sample must be at least 1, got {n_sample}")
     if order not in ("distance", "file"):
         raise ValueError(f"order must be 'distance' or 'file', got {order!r}")
-    paths, matrix, meta = load_features(features)
+    paths, matrix, meta = load_features(library)
     kmeans = model if isinstance(model, KMeansBaseline) else KMeansBaseline.load(model)
     _check_compatible(kmeans, meta, matrix)
     vector, own_row = query_vector(file, paths, matrix, meta)

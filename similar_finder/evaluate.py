@@ -2,17 +2,22 @@
 
 For a folder whose subfolders are classes, ``evaluate(labelled_dir)`` compares
 the cosine recommender, the K-Means baseline (distance order and the original
-file order) and a raw-pixel baseline by leave-one-out precision@k, recall@k and
-mean average precision, plus the honesty of the threshold: how often a query
-whose class is held out of the library is correctly answered "No similar images
-found", and how often a query whose class is present gets an answer at all.
+file order) and every other feature kind — other CNN backbones, PCA-reduced
+CNN features, colour histograms, perceptual hashes, raw pixels — by
+leave-one-out precision@k, recall@k and mean average precision, plus the
+honesty of the threshold: how often a query whose class is held out of the
+library is correctly answered "No similar images found", and how often a query
+whose class is present gets an answer at all. ``dims`` and ``query ms`` show
+what each costs in size and speed.
 Command line: ``python -m similar_finder.evaluate LABELLED_DIR``.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,8 +27,11 @@ import pandas as pd
 from . import _cli
 from ._io import DATA_DIR, OUTPUT_DIR, atomic_write
 from .clustering import KMeansBaseline, l2_normalize, rank_cluster_members
+from .descriptors import METRIC_OF
+from .features import load_features
 from .recommend import Recommender, calibrate_threshold
 
+log = logging.getLogger("similar_finder")
 PIXEL_SIZE = 32  # raw-pixel baseline: 32 x 32 RGB thumbnails, 3072 values
 
 
@@ -61,6 +69,23 @@ def _full_rankings(matrix: np.ndarray, metric: str = "cosine") -> list[np.ndarra
     np.fill_diagonal(distances, np.inf)
     order = np.argsort(distances, axis=1, kind="stable")
     return [row[:-1] for row in order]  # the query itself sorts last
+
+
+def _query_ms(matrix: np.ndarray, metric: str, k: int, queries: int = 20) -> float:
+    """Median time of one query against the library, in milliseconds."""
+    model = Recommender(metric, threshold=np.inf).fit(matrix)
+    times = []
+    for row in matrix[:queries]:
+        started = time.perf_counter()
+        model.kneighbors(row, k)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
+def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k: int) -> dict:
+    return {"method": name, **retrieval_scores(_full_rankings(matrix, metric), labels, k),
+            **threshold_honesty(matrix, labels, metric), "dims": matrix.shape[1],
+            "query ms": _query_ms(matrix, metric, k)}
 
 
 def _cluster_rankings(matrix: np.ndarray, order: str, k_range) -> tuple[list[np.ndarray], int]:
@@ -105,31 +130,58 @@ def pixel_features(root: str | os.PathLike, paths, size: int = PIXEL_SIZE) -> np
     return np.stack(pixels).reshape(len(paths), -1).astype(np.float32)
 
 
-def evaluate_features(matrix: np.ndarray, labels, *, k: int = 5, pixels: np.ndarray | None = None,
+def evaluate_features(matrix: np.ndarray, labels, *, k: int = 5,
+                      others: dict[str, tuple[np.ndarray, str]] | None = None,
                       k_range=range(2, 11)) -> pd.DataFrame:
-    """The comparison table for one feature matrix (and optionally raw pixels) of labelled images."""
+    """The comparison table: the cosine recommender and the K-Means baseline on ``matrix``
+    (CNN features), then a nearest-neighbour row for each of ``others``
+    (``{name: (matrix, metric)}``, e.g. colour histograms or raw pixels)."""
     labels = np.asarray(labels)
     k_range = range(k_range.start, min(k_range.stop, len(matrix)))
-    rows = []
-    cosine = {"method": "cosine recommender", **retrieval_scores(_full_rankings(matrix), labels, k),
-              **threshold_honesty(matrix, labels)}
-    rows.append(cosine)
+    rows = [_nearest_neighbour_row("cosine recommender", matrix, "cosine", labels, k)]
     for order in ("distance", "file"):
         rankings, chosen_k = _cluster_rankings(matrix, order, k_range)
         rows.append({"method": f"K-Means baseline ({order} order, k={chosen_k})",
                      **retrieval_scores(rankings, labels, k),
                      # K-Means answers every query with its cluster: it never says "none".
-                     "held-out: no result": 0.0, "in library: answered": 1.0})
-    if pixels is not None:
-        rows.append({"method": "raw pixels, cosine", **retrieval_scores(_full_rankings(pixels), labels, k),
-                     **threshold_honesty(pixels, labels)})
+                     "held-out: no result": 0.0, "in library: answered": 1.0, "dims": matrix.shape[1]})
+    for name, (other, metric) in (others or {}).items():
+        rows.append(_nearest_neighbour_row(name, other, metric, labels, k))
     return pd.DataFrame(rows)
 
 
+def comparison_sets(library: str | os.PathLike, paths, matrix: np.ndarray, *,
+                    kinds=("pca", "color", "ahash", "dhash", "phash", "pixels")) -> dict:
+    """The other feature kinds of a library, as ``{row name: (matrix, metric)}`` for the table."""
+    from .descriptors import library_descriptors
+    from .reduce import fit_pca
+
+    sets = {}
+    names = {"color": "colour histogram, chi2", "ahash": "average hash, hamming",
+             "dhash": "difference hash, hamming", "phash": "perceptual hash, hamming"}
+    for kind in kinds:
+        if kind == "pca":
+            pca = fit_pca(matrix)
+            name = f"CNN PCA-{pca.n_components_} ({pca.variance_kept_:.0%} variance), cosine"
+            sets[name] = (pca.transform(matrix).astype(np.float32), "cosine")
+        elif kind == "pixels":
+            root = Path(load_features(library)[2]["images_root"])
+            sets["raw pixels, cosine"] = (pixel_features(root, paths), "cosine")
+        else:
+            sets[names[kind]] = (library_descriptors(library, kind)[1], METRIC_OF[kind])
+    return sets
+
+
 def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike | None = None,
-             backbone: str | None = None, k: int = 5, out_dir: str | os.PathLike = OUTPUT_DIR,
-             progress: bool = True, **extract_kwargs) -> pd.DataFrame:
-    """Extract (incrementally) features of a labelled folder, score every method, write CSV and Markdown."""
+             backbone: str | None = None, other_backbones=(), k: int = 5,
+             out_dir: str | os.PathLike = OUTPUT_DIR, progress: bool = True, **extract_kwargs) -> pd.DataFrame:
+    """Score every approach and feature kind on a labelled folder; write CSV and Markdown.
+
+    Features are extracted (incrementally) with ``backbone``; each of
+    ``other_backbones`` adds a cosine row of its own (one that cannot be loaded,
+    e.g. offline, is reported and left out).
+    """
+    from .backbones import BackboneError
     from .features import extract_features
 
     labelled_dir = Path(labelled_dir)
@@ -139,7 +191,19 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
     paths = frame["path"].tolist()
     labels = labels_from_paths(paths)
     matrix = frame.iloc[:, 1:].to_numpy(np.float32)
-    table = evaluate_features(matrix, labels, k=k, pixels=pixel_features(labelled_dir, paths))
+    others = {}
+    for name in other_backbones:
+        csv = Path(features_csv).with_name(f"{Path(features_csv).stem}-{name}.csv")
+        try:
+            extra = extract_features(labelled_dir, csv, name, progress=progress)
+        except BackboneError as exc:
+            log.warning("left out %s: %s", name, exc)
+            continue
+        if extra["path"].tolist() == paths:
+            others[f"CNN {name}, cosine"] = (extra.iloc[:, 1:].to_numpy(np.float32), "cosine")
+    others.update(comparison_sets(features_csv, paths, matrix))
+    table = evaluate_features(matrix, labels, k=k, others=others)
+    table.loc[0, "method"] = f"cosine recommender (CNN {frame.attrs['meta']['backbone']})"
     table.attrs["backbone"] = frame.attrs["meta"]["backbone"]
     write_table(table, Path(out_dir) / "evaluation")
     return table
@@ -158,10 +222,14 @@ def main(argv=None) -> None:
     parser.add_argument("labelled_dir", help="folder with one subfolder of photos per class")
     parser.add_argument("--features", default=None, help="feature CSV (default: data/eval/<folder>.csv)")
     _cli.add_backbone_arguments(parser)
+    parser.add_argument("--other-backbones", default="",
+                        help="comma-separated backbones to compare too, e.g. resnet50,vgg19")
     parser.add_argument("-k", type=int, default=5, help="results per query scored (default: 5)")
     parser.add_argument("--out", default=str(OUTPUT_DIR), help="folder for evaluation.csv / .md")
     args = parser.parse_args(argv)
-    table = evaluate(args.labelled_dir, features_csv=args.features, backbone=args.backbone, k=args.k,
+    others = [b for b in args.other_backbones.split(",") if b]
+    table = evaluate(args.labelled_dir, features_csv=args.features, backbone=args.backbone,
+                     other_backbones=others, k=args.k,
                      out_dir=args.out, pooling=args.pooling, input_size=args.input_size, weights=args.weights)
     print(f"\nbackbone: {table.attrs['backbone']}")
     print(table.to_markdown(index=False, floatfmt=".3f"))

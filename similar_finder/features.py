@@ -562,9 +562,20 @@ def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
     return model.embed(pixels[None])[0]
 
 
-def query_vector(file, paths: list[str], matrix: np.ndarray, meta: dict) -> tuple[np.ndarray, int | None]:
-    """The query's feature vector and, if it is a library image, its row (to leave out of its results)."""
+def query_vector(file, paths: list[str], matrix: np.ndarray, meta: dict,
+                 embed=None) -> tuple[np.ndarray, int | None]:
+    """The query's vector and, if it is a library image, its row (to leave out of its results).
+
+    A new image is described by ``embed(file)``, by default the library's CNN.
+    """
     row = find_in_library(file, paths, meta)
     if row is not None:
         return matrix[row], row
-    return embed_file(file, meta), None
+    if not Path(file).expanduser().is_file():
+        raise FileNotFoundError(f"query image {file} does not exist")
+    if embed is None:
+        return embed_file(file, meta), None
+    try:
+        return np.asarray(embed(Path(file).expanduser()), np.float32), None
+    except ImageError as exc:
+        raise ValueError(f"query {file} cannot be used: {exc}") from None

@@ -4,7 +4,7 @@ Every function returns a ``matplotlib.figure.Figure`` (shown inline in a
 notebook) and :func:`save_figure` writes one atomically:
 ``recommendation_grid`` (a query and its results), ``image_rows`` (rows of
 thumbnails, e.g. one per cluster), ``tsne_map`` (the library's
-feature space in 2-D), ``silhouette_curve`` (silhouette against k) and
+feature space in 2-D, from ``tsne_embedding`` or ``umap_embedding``), ``silhouette_curve`` (silhouette against k) and
 ``distance_histogram`` (nearest-neighbour distances with the threshold).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_
     """
     from .recommend import NO_RESULTS
 
-    n = max(len(results), 1)
+    n = max(len(results), 3)  # an empty answer still gets room for its message
     fig = Figure(figsize=(2.2 * (n + 2), 4.4))
     grid = fig.add_gridspec(2, n + 2)
     ax = fig.add_subplot(grid[:, :2])
@@ -55,7 +55,7 @@ def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_
     ax.axis("off")
     if results.empty:
         ax = fig.add_subplot(grid[:, 2:])
-        ax.text(0.5, 0.5, NO_RESULTS, ha="center", va="center", fontsize=16, color="firebrick", wrap=True)
+        ax.text(0.5, 0.5, NO_RESULTS, ha="center", va="center", fontsize=16, color="firebrick")
         ax.axis("off")
     for i, row in enumerate(results.itertuples(index=False)):
         ax = fig.add_subplot(grid[:, i + 2])
@@ -74,7 +74,7 @@ def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_
             spine.set_edgecolor("seagreen" if label and label == query_label else
                                 "firebrick" if label and query_label else "none")
     if title:
-        fig.suptitle(title, fontsize=12)
+        fig.suptitle(title, fontsize=12, y=1.04)
     return fig
 
 
@@ -106,8 +106,22 @@ def tsne_embedding(matrix: np.ndarray, *, random_state: int = 0) -> np.ndarray:
     return tsne.fit_transform(l2_normalize(matrix))
 
 
+def umap_embedding(matrix: np.ndarray, *, random_state: int = 0) -> np.ndarray:
+    """2-D UMAP of the (unit-normalised) features (``umap-learn``), an alternative view to t-SNE."""
+    import umap
+
+    from .clustering import l2_normalize
+
+    n = len(matrix)
+    if n < 5:
+        raise ValueError(f"UMAP needs at least 5 images, got {n}")
+    reducer = umap.UMAP(n_neighbors=min(15, n - 1), metric="cosine", random_state=random_state, n_jobs=1)
+    return reducer.fit_transform(l2_normalize(matrix))
+
+
 def tsne_map(points: np.ndarray, colours: dict[str, np.ndarray], *, paths=None,
-             images_root: str | os.PathLike | None = None, thumbnails: int = 0, title: str = "") -> Figure:
+             images_root: str | os.PathLike | None = None, thumbnails: int = 0, title: str = "",
+             method: str = "t-SNE") -> Figure:
     """One panel per colouring (e.g. ``{"K-Means cluster": ..., "class": ...}``) of 2-D points.
 
     With ``thumbnails=N`` (and ``paths``), N images are drawn at their points.
@@ -131,7 +145,7 @@ def tsne_map(points: np.ndarray, colours: dict[str, np.ndarray], *, paths=None,
                 ax.add_artist(AnnotationBbox(box, points[i], frameon=False))
         if len(names) <= 20:
             ax.legend(fontsize=7, markerscale=1.5, loc="best", title=name, title_fontsize=8)
-        ax.set_title(f"t-SNE, coloured by {name}")
+        ax.set_title(f"{method}, coloured by {name}")
         ax.set_xticks([])
         ax.set_yticks([])
     if title:

@@ -7,6 +7,10 @@ so fewer than ``n_sample``, or none ("No similar images found"), is a normal
 and honest answer. :class:`Recommender` is the reusable object behind it
 (``fit`` / ``kneighbors`` / ``recommend``); :func:`calibrate_threshold` picks the
 threshold from labelled data or from the library's own distances.
+
+Besides CNN features (``features="cnn"``, cosine), the same recommender works on
+PCA-reduced CNN features (``"pca"``), colour histograms (``"color"``, chi-square)
+and perceptual hashes (``"ahash"``, ``"dhash"``, ``"phash"``, Hamming).
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ from .features import FeatureFiles, load_features, query_vector
 
 log = logging.getLogger("similar_finder")
 
-METRICS = ("cosine", "euclidean", "manhattan")
+METRICS = ("cosine", "euclidean", "manhattan", "chi2", "hamming")
+FEATURE_KINDS = ("cnn", "pca", "color", "ahash", "dhash", "phash")
+DEFAULT_METRIC = {"cnn": "cosine", "pca": "cosine", "color": "chi2", "ahash": "hamming", "dhash": "hamming",
+                  "phash": "hamming"}
 NO_RESULTS = "No similar images found"
 FAISS_EXACT_BELOW = 10_000  # below this, an exact flat index is as fast as an inverted one
 
@@ -39,7 +46,9 @@ def pairwise_distances(queries: np.ndarray, library: np.ndarray, metric: str = "
                        *, library_normalized: bool = False) -> np.ndarray:
     """Distances between every query and every library vector, as one matrix product.
 
-    cosine is ``1 - cos`` (0 identical direction, 1 orthogonal, 2 opposite).
+    cosine is ``1 - cos`` (0 identical direction, 1 orthogonal, 2 opposite);
+    chi2 is ``0.5 * sum((q - x)^2 / (q + x))`` for histograms; hamming counts
+    differing bits of 0/1 vectors.
     """
     q = np.atleast_2d(np.asarray(queries, np.float32))
     if metric == "cosine":
@@ -48,6 +57,14 @@ def pairwise_distances(queries: np.ndarray, library: np.ndarray, metric: str = "
     if metric == "euclidean":
         squared = (q * q).sum(1)[:, None] + (library * library).sum(1)[None, :] - 2.0 * (q @ library.T)
         return np.sqrt(np.maximum(squared, 0.0))
+    if metric == "hamming":
+        from .descriptors import hamming_distances
+
+        return hamming_distances(q, library)
+    if metric == "chi2":
+        from sklearn.metrics.pairwise import additive_chi2_kernel
+
+        return (-0.5 * additive_chi2_kernel(q, library)).astype(np.float32)
     from sklearn.metrics import pairwise_distances as sk_pairwise
 
     return sk_pairwise(q, library, metric="manhattan").astype(np.float32)
@@ -120,15 +137,27 @@ def calibrate_threshold(features: np.ndarray, labels=None, metric: str = "cosine
     best = int(np.argmax(tpr - fpr))
     low = -thresholds[best]
     high = -thresholds[best + 1] if best + 1 < len(thresholds) else low
-    return {"value": float((low + high) / 2), "method": "labelled-youden", "metric": metric, "center": center,
+    # best == 0 accepts nothing (no distance separates the classes): a threshold at the smallest
+    # distance says so, since only distances strictly below it count.
+    value = (low + high) / 2 if np.isfinite(low) else high
+    return {"value": float(value), "method": "labelled-youden", "metric": metric, "center": center,
             "images": len(features), "tpr": float(tpr[best]), "fpr": float(fpr[best])}
 
 
-def save_threshold(calibration: dict, features_csv: str | os.PathLike = DEFAULT_FEATURES) -> None:
-    """Store a calibrated threshold in the features sidecar; ``recommend`` then uses it by default."""
-    meta_path = FeatureFiles(Path(features_csv)).meta
+def _threshold_key(features: str, metric: str) -> str:
+    return f"{features}/{metric}"
+
+
+def save_threshold(calibration: dict, library: str | os.PathLike = DEFAULT_FEATURES, *,
+                   features: str = "cnn") -> None:
+    """Store a calibrated threshold in the library's sidecar; ``recommend`` then uses it by default.
+
+    ``features`` names the feature kind the threshold was calibrated on.
+    """
+    meta_path = FeatureFiles(Path(library)).meta
     meta = read_json(meta_path)
-    meta.setdefault("thresholds", {})[calibration["metric"]] = calibration
+    meta.setdefault("thresholds", {})[_threshold_key(features, calibration["metric"])] = {
+        **calibration, "features": features}
     write_json(meta_path, meta)
     _default_recommender.cache_clear()
 
@@ -153,24 +182,30 @@ class Recommender:
     """
 
     def __init__(self, metric: str = "cosine", threshold: float | None = None, *,
-                 center: bool = True, index: str = "brute", nprobe: int = 16):
+                 center: bool = True, index: str = "brute", nprobe: int = 16, features: str = "cnn"):
         self.metric = _check_metric(metric)
-        self.center = center
+        self.center, self.features = center, features
         if index not in ("brute", "faiss"):
             raise ValueError(f"index must be 'brute' or 'faiss', got {index!r}")
         self.threshold, self.index, self.nprobe = threshold, index, nprobe
 
     @classmethod
-    def from_features(cls, csv: str | os.PathLike = DEFAULT_FEATURES, **kwargs) -> "Recommender":
-        paths, matrix, meta = load_features(csv)
-        return cls(**kwargs).fit(matrix, paths, meta)
+    def from_library(cls, library: str | os.PathLike = DEFAULT_FEATURES, features: str = "cnn",
+                     metric: str | None = None, **kwargs) -> "Recommender":
+        """A recommender over a feature library, on its CNN features or another kind (``features=``)."""
+        paths, matrix, meta, embed = load_library(library, features)
+        model = cls(metric or DEFAULT_METRIC[features], features=features, **kwargs)
+        return model.fit(matrix, paths, meta, embed=embed)
 
-    def fit(self, features: np.ndarray, paths: list[str] | None = None, meta: dict | None = None):
+    def fit(self, features: np.ndarray, paths: list[str] | None = None, meta: dict | None = None,
+            *, embed=None):
+        """Hold the library. ``embed(file) -> vector`` describes new query images (default: the CNN)."""
         features = np.asarray(features, np.float32)
         if features.ndim != 2 or len(features) == 0:
             raise ValueError("features must be a non-empty 2-D array (images x dimensions)")
         self.paths_ = list(paths) if paths is not None else [str(i) for i in range(len(features))]
         self.meta_ = meta or {}
+        self.embed_ = embed
         self.raw_ = features  # the caller's array, kept for lookups and calibration (no copy)
         self.mean_ = features.mean(0) if self.center and self.metric == "cosine" else None
         if self.index == "faiss":
@@ -198,7 +233,7 @@ class Recommender:
     def _resolve_threshold(self) -> float:
         if self.threshold is not None:
             return float(self.threshold)
-        stored = self.meta_.get("thresholds", {}).get(self.metric)
+        stored = self.meta_.get("thresholds", {}).get(_threshold_key(self.features, self.metric))
         if stored is not None and stored.get("center", True) == self.center:
             return float(stored["value"])
         if len(self.raw_) < 3:
@@ -274,7 +309,7 @@ class Recommender:
         """The library images closest to ``file`` and under the threshold: ``(path, distance)``."""
         if int(n_sample) < 1:
             raise ValueError(f"n_sample must be at least 1, got {n_sample}")
-        vector, own_row = query_vector(file, self.paths_, self.raw_, self.meta_)
+        vector, own_row = query_vector(file, self.paths_, self.raw_, self.meta_, self.embed_)
         distances, indices = self.kneighbors(vector, n_sample, exclude=[-1 if own_row is None else own_row])
         limit = self.threshold_ if threshold is None else float(threshold)
         keep = distances[0] < limit
@@ -284,25 +319,54 @@ class Recommender:
         return result
 
 
+def load_library(library: str | os.PathLike = DEFAULT_FEATURES, features: str = "cnn"):
+    """``(paths, matrix, meta, embed)`` of a feature library for one feature kind.
+
+    ``embed(file)`` describes a new image the same way (None: the library's CNN).
+    """
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
+    if features == "cnn":
+        paths, matrix, meta = load_features(library)
+        return paths, matrix, meta, None
+    if features == "pca":
+        from .features import embed_file
+        from .reduce import library_pca
+
+        paths, matrix, meta, pca = library_pca(library)
+        return paths, matrix, meta, lambda file: pca.transform(embed_file(file, meta)[None])[0]
+    from .descriptors import describe, library_descriptors
+
+    paths, matrix, meta = library_descriptors(library, features)
+    return paths, matrix, meta, lambda file: describe(file, features)
+
+
 @functools.lru_cache(maxsize=4)
-def _default_recommender(csv: str, stamp: tuple, metric: str) -> Recommender:
-    return Recommender.from_features(csv, metric=metric)
+def _default_recommender(csv: str, stamp: tuple, features: str, metric: str) -> Recommender:
+    return Recommender.from_library(csv, features, metric)
 
 
-def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: str = "cosine", *,
-              features: str | os.PathLike = DEFAULT_FEATURES, verbose: bool = True) -> pd.DataFrame:
+def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: str | None = None, *,
+              features: str = "cnn", library: str | os.PathLike = DEFAULT_FEATURES,
+              verbose: bool = True) -> pd.DataFrame:
     """The ``n_sample`` most similar library images to ``file``, closest first, under the threshold.
 
-    ``threshold=None`` uses the threshold calibrated for this features file
-    (stored in its sidecar), else the unlabelled rule of :func:`calibrate_threshold`.
-    An empty result means "No similar images found", which is printed when ``verbose``.
+    ``features`` picks what is compared: ``"cnn"`` (default), ``"pca"``,
+    ``"color"``, ``"ahash"``, ``"dhash"`` or ``"phash"``; ``metric=None`` uses
+    that kind's natural metric (cosine, chi-square or Hamming). ``library`` is
+    the feature CSV of the photos to search. ``threshold=None`` uses the
+    threshold calibrated for this library (stored in its sidecar), else the
+    unlabelled rule of :func:`calibrate_threshold`. An empty result means "No
+    similar images found", which is printed when ``verbose``.
     """
-    _check_metric(metric)
-    csv = Path(features).expanduser().resolve()
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
+    metric = _check_metric(metric or DEFAULT_METRIC[features])
+    csv = Path(library).expanduser().resolve()
     meta_file = FeatureFiles(csv).meta
     # The cache key changes when the features or the stored threshold change.
     stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (csv, meta_file))
-    result = _default_recommender(str(csv), stamp, metric).recommend(file, n_sample, threshold)
+    result = _default_recommender(str(csv), stamp, features, metric).recommend(file, n_sample, threshold)
     if verbose and result.empty:
         print(NO_RESULTS)
     return result

@@ -28,11 +28,12 @@ from . import _cli
 from ._io import OUTPUT_DIR, atomic_write
 from .clustering import KMeansBaseline, l2_normalize, rank_cluster_members
 from .demo import ensure_demo_library
-from .evaluate import evaluate_features, labels_from_paths, pixel_features, write_table
+from .evaluate import comparison_sets, evaluate_features, labels_from_paths, write_table
 from .features import FeatureFiles, extract_features
 from .plots import (distance_histogram, recommendation_grid, save_figure, silhouette_curve, tsne_embedding,
-                    tsne_map)
-from .recommend import Recommender, calibrate_threshold, nearest_neighbour_distances, save_threshold
+                    tsne_map, umap_embedding)
+from .recommend import (DEFAULT_METRIC, FEATURE_KINDS, Recommender, calibrate_threshold, load_library,
+                        nearest_neighbour_distances, save_threshold)
 
 log = logging.getLogger("similar_finder")
 TSNE_MAX = 5_000  # t-SNE above this many images runs on an even sample of them
@@ -64,8 +65,13 @@ def _labels(paths) -> np.ndarray | None:
 
 
 def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample: int = 5,
-            limit: int | None = None, progress: bool = True, **extract_kwargs) -> dict:
-    """Run the whole pipeline on ``images_dir`` and write everything under ``out``."""
+            limit: int | None = None, features: str = "cnn", progress: bool = True, **extract_kwargs) -> dict:
+    """Run the whole pipeline on ``images_dir`` and write everything under ``out``.
+
+    ``features`` is what the nearest-neighbour recommender compares: CNN
+    features (``"cnn"``, cosine, the default) or another kind (``"color"``,
+    ``"phash"``, ``"pca"``, ...); the K-Means baseline always uses CNN features.
+    """
     from tqdm import tqdm
 
     if n_sample < 1:
@@ -104,10 +110,12 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
         save_figure(silhouette_curve(kmeans.tuning_, kmeans.k_), out / "silhouette.png")
 
     with step("calibrate the threshold"):
-        calibration = calibrate_threshold(matrix, labels)
-        save_threshold(calibration, features_csv)
-        recommender = Recommender(threshold=calibration["value"]).fit(matrix, paths, meta)
-        nn, _, _ = nearest_neighbour_distances(matrix)
+        metric = DEFAULT_METRIC[features]
+        nn_matrix = matrix if features == "cnn" else load_library(features_csv, features)[1]
+        calibration = calibrate_threshold(nn_matrix, labels, metric)
+        save_threshold(calibration, features_csv, features=features)
+        recommender = Recommender(metric, calibration["value"], features=features).fit(nn_matrix, paths, meta)
+        nn, _, _ = nearest_neighbour_distances(nn_matrix, metric)
         save_figure(distance_histogram(nn[:, 0], calibration["value"], label=f"({calibration['method']})"),
                     out / "distances.png")
 
@@ -115,7 +123,8 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
         chosen = np.arange(len(paths))
         if limit is not None and limit < len(paths):
             chosen = np.linspace(0, len(paths) - 1, limit).astype(int)
-        distances, neighbours = recommender.kneighbors(matrix[chosen], n_sample, exclude=chosen)
+        distances, neighbours = recommender.kneighbors(nn_matrix[chosen], n_sample, exclude=chosen)
+        approach = "cosine" if features == "cnn" else features
         unit = l2_normalize(matrix)
         tasks, empty = [], 0
         for row, query in enumerate(chosen):
@@ -125,10 +134,10 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
             members, member_distance = rank_cluster_members(unit, clusters, unit[query], clusters[query],
                                                             exclude=query)
             results = {
-                "cosine": _results(paths, labels, cosine_rows, distances[row][keep]),
+                approach: _results(paths, labels, cosine_rows, distances[row][keep]),
                 "kmeans": _results(paths, labels, members[:n_sample], member_distance[:n_sample]),
             }
-            titles = {"cosine": "cosine nearest neighbours (thresholded)",
+            titles = {approach: f"{features.upper()} nearest neighbours, {metric} (thresholded)",
                       "kmeans": f"K-Means baseline, cluster {clusters[query]}"}
             tasks.append((root / paths[query], results, titles, root,
                           None if labels is None else labels[query], out / "rec", _grid_name(paths[query])))
@@ -147,12 +156,13 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
             colours["class"] = labels[sample]
         save_figure(tsne_map(points, colours, paths=[paths[i] for i in sample], images_root=root,
                              thumbnails=min(40, len(sample))), out / "tsne.png")
+        save_figure(tsne_map(umap_embedding(matrix[sample]), colours, method="UMAP"), out / "umap.png")
 
     evaluation = None
     if labels is not None:
         with step("evaluate"):
-            evaluation = evaluate_features(matrix, labels, k=n_sample, pixels=pixel_features(root, paths),
-                                           k_range=k_range)
+            evaluation = evaluate_features(matrix, labels, k=n_sample, k_range=k_range,
+                                           others=comparison_sets(features_csv, paths, matrix))
             write_table(evaluation, out / "evaluation")
 
     skipped = pd.read_csv(FeatureFiles(features_csv).skipped)
@@ -162,6 +172,7 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
         "embedded": stats["embedded"], "reused": stats["reused"], "skipped": skipped,
         "k": kmeans.k_, "silhouette": kmeans.tuning_, "threshold": calibration,
         "grids": len(chosen), "no_result_queries": int(empty), "tsne_images": len(sample),
+        "features": features, "approach": approach, "metric": metric,
         "evaluation": evaluation, "timings": timings,
     }
     write_report(summary, out)
@@ -178,16 +189,18 @@ def _markdown_report(s: dict) -> str:
         f"this run embedded {s['embedded']} and reused {s['reused']} from the features file",
         f"- backbone: **{s['backbone']}** (weights: {s['weights']}, {s['dim']}-d features)",
         f"- K-Means baseline: chosen **k = {s['k']}** by silhouette score",
-        f"- cosine threshold: **{t['value']:.3f}** ({t['method']}); {s['no_result_queries']} of "
-        f"{s['grids']} queries got \"No similar images found\"",
-        f"- recommendation grids: {s['grids']} per approach in `rec/cosine/` and `rec/kmeans/`",
+        f"- nearest-neighbour recommender: {s['features']} features, {s['metric']} distance, threshold "
+        f"**{t['value']:.3f}** ({t['method']}); {s['no_result_queries']} of {s['grids']} queries got "
+        f"\"No similar images found\"",
+        f"- recommendation grids: {s['grids']} per approach in `rec/{s['approach']}/` and `rec/kmeans/`",
         f"- t-SNE: {s['tsne_images']} images" + (f" (an even sample of {s['usable']})"
                                                    if s["tsne_images"] < s["usable"] else ""),
         "", "## Timings (seconds)", "",
         pd.DataFrame([s["timings"]]).T.rename(columns={0: "seconds"}).to_markdown(),
         "", "## Silhouette score by k", "",
         s["silhouette"].to_markdown(index=False, floatfmt=(".0f", ".4f", ".2f")),
-        "", "![silhouette](silhouette.png)", "", "![t-SNE](tsne.png)", "", "![distances](distances.png)", "",
+        "", "![silhouette](silhouette.png)", "", "![t-SNE](tsne.png)", "", "![UMAP](umap.png)", "",
+        "![distances](distances.png)", "",
     ]
     if s["evaluation"] is not None:
         lines += ["## Evaluation (leave-one-out, classes from subfolders)", "",
@@ -222,7 +235,7 @@ def write_report(summary: dict, out: Path) -> None:
         else:
             items = [html.escape(line.lstrip("- ")) for line in block.splitlines() if line.strip()]
             parts.append("<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
-    grids = sorted((out / "rec" / "cosine").glob("*.png"))
+    grids = sorted((out / "rec" / summary["approach"]).glob("*.png"))
     parts.append(f"<h2>Recommendation grids (first {min(len(grids), REPORT_INLINE_GRIDS)} of {len(grids)})</h2>")
     for grid in grids[:REPORT_INLINE_GRIDS]:
         parts.append(f"<h4>{html.escape(grid.stem)}</h4>{_img(grid)}{_img(out / 'rec' / 'kmeans' / grid.name)}")
@@ -247,14 +260,16 @@ def main(argv=None) -> None:
     _cli.add_backbone_arguments(parser)
     parser.add_argument("--n-sample", type=int, default=5, help="recommendations per image (default: 5)")
     parser.add_argument("--limit", type=int, default=None, help="draw grids for an even sample of N images")
+    parser.add_argument("--features", choices=FEATURE_KINDS, default="cnn",
+                        help="what the nearest-neighbour recommender compares (default: cnn)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     summary = run_all(args.images_dir, out=args.out, backbone=args.backbone, n_sample=args.n_sample,
-                      limit=args.limit, progress=not args.quiet, pooling=args.pooling,
+                      limit=args.limit, features=args.features, progress=not args.quiet, pooling=args.pooling,
                       input_size=args.input_size, weights=args.weights)
     print(f"\nreport: {Path(summary['out']) / 'report.html'} (and report.md)")
-    print(f"grids:  {Path(summary['out']) / 'rec'}/cosine and /kmeans ({summary['grids']} each)")
-    print(f"plots:  tsne.png, silhouette.png, distances.png in {summary['out']}")
+    print(f"grids:  {Path(summary['out']) / 'rec'}/{summary['approach']} and /kmeans ({summary['grids']} each)")
+    print(f"plots:  tsne.png, umap.png, silhouette.png, distances.png in {summary['out']}")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def test_orders_distance_and_file(fitted, food_features):
     _, folder = fitted
     model = folder / "kmeans.joblib"
     query = sorted(FOOD_QUERIES.iterdir())[0]
-    by_distance = recommend_by_cluster(query, 4, features=food_features, model=model)
-    by_file = recommend_by_cluster(query, 4, order="file", features=food_features, model=model)
+    by_distance = recommend_by_cluster(query, 4, library=food_features, model=model)
+    by_file = recommend_by_cluster(query, 4, order="file", library=food_features, model=model)
     assert by_distance["distance"].is_monotonic_increasing
     assert list(by_file["path"]) == sorted(by_file["path"])  # file order: the CSV's sorted paths
     clusters = pd.read_csv(folder / "clusters.csv")
@@ -61,7 +61,7 @@ def test_orders_distance_and_file(fitted, food_features):
 def test_a_library_image_is_looked_up_and_left_out(fitted, food_features, food_db):
     _, folder = fitted
     query = food_db / "burger" / "burger1_resized.jpeg"
-    result = recommend_by_cluster(query, 50, features=food_features, model=folder / "kmeans.joblib")
+    result = recommend_by_cluster(query, 50, library=food_features, model=folder / "kmeans.joblib")
     assert "burger/burger1_resized.jpeg" not in set(result["path"])
     assert result["distance"].min() > 1e-4
 
@@ -71,13 +71,13 @@ def test_errors_are_specific(fitted, food_features, tmp_path):
     model = folder / "kmeans.joblib"
     query = sorted(FOOD_QUERIES.iterdir())[0]
     with pytest.raises(ValueError, match="n_sample must be at least 1"):
-        recommend_by_cluster(query, 0, features=food_features, model=model)
+        recommend_by_cluster(query, 0, library=food_features, model=model)
     with pytest.raises(ValueError, match="order must be"):
-        recommend_by_cluster(query, 2, order="random", features=food_features, model=model)
+        recommend_by_cluster(query, 2, order="random", library=food_features, model=model)
     with pytest.raises(Exception, match="python -m similar_finder.extract"):
-        recommend_by_cluster(query, 2, features=tmp_path / "missing.csv", model=model)
+        recommend_by_cluster(query, 2, library=tmp_path / "missing.csv", model=model)
     with pytest.raises(ClusteringError, match="python -m similar_finder.cluster"):
-        recommend_by_cluster(query, 2, features=food_features, model=tmp_path / "none.joblib")
+        recommend_by_cluster(query, 2, library=food_features, model=tmp_path / "none.joblib")
     _, matrix, _ = load_features(food_features)
     with pytest.raises(ValueError, match="only 36 images"):
         tune_k(matrix, range(2, 40), verbose=False)
@@ -86,7 +86,7 @@ def test_errors_are_specific(fitted, food_features, tmp_path):
     other = tmp_path / "other.csv"
     extract_features(tmp_path / "imgs", other, **{**FAST, "backbone": "resnet50"})
     with pytest.raises(ClusteringError, match="fitted on efficientnet_lite0 features"):
-        recommend_by_cluster(tmp_path / "imgs" / "img0000.jpg", 2, features=other, model=model)
+        recommend_by_cluster(tmp_path / "imgs" / "img0000.jpg", 2, library=other, model=model)
     bad = tmp_path / "bad.csv"
     bad.write_text("not,a,features\nfile")
     with pytest.raises(Exception, match="path"):

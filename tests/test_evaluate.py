@@ -27,7 +27,7 @@ def test_labels_need_class_subfolders():
 def test_evaluate_writes_the_comparison_table(food_db, food_features, tmp_path):
     table = evaluate(food_db, features_csv=food_features, out_dir=tmp_path, progress=False)
     methods = list(table["method"])
-    assert methods[0] == "cosine recommender" and "raw pixels, cosine" in methods
+    assert methods[0] == "cosine recommender (CNN efficientnet_lite0)" and "raw pixels, cosine" in methods
     assert sum(m.startswith("K-Means baseline") for m in methods) == 2
     written = pd.read_csv(tmp_path / "evaluation.csv")
     assert list(written["method"]) == methods

@@ -33,7 +33,7 @@ def test_cosine_beats_the_kmeans_baseline(library):
 
 def test_new_photos_get_their_own_class_first(library):
     for query in sorted(FOOD_QUERIES.iterdir()):
-        result = recommend(query, 3, features=library)
+        result = recommend(query, 3, library=library)
         assert len(result) >= 1, f"{query.name}: no result under the calibrated threshold"
         assert result["path"][0].split("/")[0] == query.name.split("_")[0]
         assert result["distance"].is_monotonic_increasing
@@ -46,7 +46,7 @@ def test_unrelated_images_get_no_similar_images_found(library, tmp_path, capsys)
     noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
     Image.fromarray(noise).save(tmp_path / "noise.png")
     for name in ("astronaut.png", "noise.png"):
-        result = recommend(tmp_path / name, 5, features=library)
+        result = recommend(tmp_path / name, 5, library=library)
         assert result.empty and result.attrs["message"] == NO_RESULTS
         assert capsys.readouterr().out.strip() == NO_RESULTS
 
@@ -61,7 +61,7 @@ def test_held_out_classes_mostly_get_no_results(library):
 def test_a_library_image_never_recommends_itself(library, food_db):
     paths, _, _ = load_features(library)
     for path in paths[::5]:
-        result = recommend(food_db / path, 100, threshold=2.0, features=library, verbose=False)
+        result = recommend(food_db / path, 100, threshold=2.0, library=library, verbose=False)
         assert path not in set(result["path"]) and len(result) == len(paths) - 1  # more than exist: no error
 
 
@@ -108,23 +108,23 @@ def test_unlabelled_threshold_is_the_tukey_fence_of_nearest_neighbour_distances(
 
 
 def test_stored_threshold_is_the_default(library):
-    stored = load_features(library)[2]["thresholds"]["cosine"]
+    stored = load_features(library)[2]["thresholds"]["cnn/cosine"]
     assert stored["method"] == "labelled-youden"
-    assert Recommender.from_features(library).threshold_ == pytest.approx(stored["value"])
+    assert Recommender.from_library(library).threshold_ == pytest.approx(stored["value"])
 
 
 def test_errors_are_specific(library, tmp_path):
     query = sorted(FOOD_QUERIES.iterdir())[0]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        recommend(tmp_path / "missing.jpg", features=library)
+        recommend(tmp_path / "missing.jpg", library=library)
     (tmp_path / "fake.jpg").write_text("not an image")
     with pytest.raises(ValueError, match="not an image"):
-        recommend(tmp_path / "fake.jpg", features=library)
+        recommend(tmp_path / "fake.jpg", library=library)
     with pytest.raises(Exception, match="python -m similar_finder.extract"):
-        recommend(query, features=tmp_path / "none.csv")
+        recommend(query, library=tmp_path / "none.csv")
     with pytest.raises(ValueError, match="n_sample must be at least 1"):
-        recommend(query, 0, features=library)
+        recommend(query, 0, library=library)
     with pytest.raises(ValueError, match="unknown metric 'cosin'"):
-        recommend(query, metric="cosin", features=library)
+        recommend(query, metric="cosin", library=library)
     with pytest.raises(ValueError, match="FAISS index supports"):
         Recommender("manhattan", index="faiss").fit(np.ones((5, 3)))

@@ -30,7 +30,7 @@ def test_food_run_draws_every_grid_the_plots_and_the_report(food_run, food_db):
         assert len(grids) == len(images) == 36
         for grid in grids[::9]:
             _assert_real_picture(grid)
-    for plot in ("tsne.png", "silhouette.png", "distances.png"):
+    for plot in ("tsne.png", "umap.png", "silhouette.png", "distances.png"):
         _assert_real_picture(out / plot, 250)
     report = (out / "report.md").read_text()
     assert f"k = {summary['k']}" in report and 4 <= summary["k"] <= 8
