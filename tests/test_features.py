@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import FAST, labels_of, make_images
 from similar_finder import extract_features, load_features
 from similar_finder.backbones import Backbone
+from similar_finder import features as features_module
 from similar_finder.features import FeatureFiles, FeaturesError
 
 
@@ -142,11 +143,11 @@ def test_a_failed_write_leaves_the_previous_files_intact(tmp_path, monkeypatch):
     before = out.read_bytes()
     make_images(tmp_path / "imgs", 1, seed=5, prefix="new")
 
-    def crash(self, handle, **kwargs):
+    def crash(handle, paths, matrix):
         handle.write("path,f0\npartial,")
         raise OSError("disk full")
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
+    monkeypatch.setattr(features_module, "write_feature_csv", crash)
     with pytest.raises(OSError, match="disk full"):
         _extract(tmp_path / "imgs", out)
     assert out.read_bytes() == before
@@ -212,3 +213,19 @@ def test_demo_library_is_built_from_bundled_photos(tmp_path):
     for group in groups:
         assert len(list((root / group).glob("*.jpg"))) == 6
     assert ensure_demo_library(root) == root  # built once
+
+
+def test_the_same_code_runs_on_the_jax_backend(food_features, tmp_path):
+    """Decoding and batching are plain NumPy/PIL, so Keras's JAX backend gives the same features."""
+    pytest.importorskip("jax")
+    out = tmp_path / "jax.csv"
+    script = ("import sys; from similar_finder import extract_features; "
+              "extract_features(sys.argv[1], sys.argv[2], 'efficientnet_lite0', progress=False)")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", script, str(load_features(food_features)[2]["images_root"]),
+                             str(out)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    paths, on_jax, meta = load_features(out)
+    reference_paths, on_tensorflow, _ = load_features(food_features)
+    assert meta["versions"]["keras_backend"] == "jax" and paths == reference_paths
+    np.testing.assert_allclose(on_jax, on_tensorflow, atol=1e-4, rtol=1e-3)
