@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ._io import DEFAULT_FEATURES, atomic_write, read_json, write_json
-from .images import ImageError, is_image_file, load_image
+from .images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
 
 log = logging.getLogger("similar_finder")
 
@@ -197,6 +197,8 @@ def extract_features(
     spec = _requested_spec(backbone, pooling, input_size, weights, previous or in_progress)
 
     scan = scan_images(root)
+    if scan.empty:
+        raise FeaturesError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     known = _KnownResults()
     if previous is not None:
         known.add_store(previous)
@@ -226,8 +228,8 @@ def extract_features(
         new_shas = _embed(todo, root, model, known, files.partial, spec, batch_size, workers,
                           checkpoint_every, progress)
         shas = [new_shas.get(p, s) for p, s in zip(scan["path"], shas)]
-    elif previous is not None:
-        spec = {**spec, **previous["config"]}
+    else:  # everything was known: the settings are those of the store or of the interrupted run
+        spec = {**spec, **(previous or in_progress)["config"]}
 
     frame = _write_store(files, root, scan, shas, known, spec, previous)
     shutil.rmtree(files.partial, ignore_errors=True)

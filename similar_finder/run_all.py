@@ -26,7 +26,7 @@ from joblib import Parallel, delayed
 
 from . import _cli
 from ._io import OUTPUT_DIR, atomic_write
-from .clustering import KMeansBaseline, l2_normalize, rank_cluster_members
+from .clustering import fit_baseline, l2_normalize, rank_cluster_members
 from .demo import ensure_demo_library
 from .evaluate import comparison_sets, evaluate_features, labels_from_paths, write_table
 from .features import FeatureFiles, extract_features
@@ -103,10 +103,9 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
 
     with step("tune and fit K-Means"):
         k_range = range(2, min(11, len(paths)))
-        kmeans = KMeansBaseline(k_range=k_range, verbose=False).fit(matrix, meta)
-        kmeans.save(out / "kmeans.joblib")
+        kmeans = fit_baseline(features_csv, k_range=k_range, model_path=out / "kmeans.joblib",
+                              clusters_csv=out / "clusters.csv", verbose=False)
         clusters = kmeans.labels_
-        pd.DataFrame({"path": paths, "cluster": clusters}).to_csv(out / "clusters.csv", index=False)
         save_figure(silhouette_curve(kmeans.tuning_, kmeans.k_), out / "silhouette.png")
 
     with step("calibrate the threshold"):

@@ -186,6 +186,13 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     assert "error: images folder" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_folder_without_images_is_a_clear_error(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "notes.txt").write_text("no pictures here")
+    with pytest.raises(FeaturesError, match="no images under .*looked for .*jpg"):
+        _extract(tmp_path / "imgs", tmp_path / "features.csv")
+
+
 def test_missing_features_file_says_how_to_make_it(tmp_path):
     with pytest.raises(FeaturesError, match="python -m similar_finder.extract"):
         load_features(tmp_path / "features.csv")
