@@ -33,6 +33,7 @@ from .recommend import Recommender, calibrate_threshold
 
 log = logging.getLogger("similar_finder")
 PIXEL_SIZE = 32  # raw-pixel baseline: 32 x 32 RGB thumbnails, 3072 values
+MAX_QUERIES = 2_000  # above this many images, scores average over an even sample of queries
 
 
 def labels_from_paths(paths) -> np.ndarray:
@@ -43,15 +44,22 @@ def labels_from_paths(paths) -> np.ndarray:
     return labels
 
 
-def retrieval_scores(rankings, labels: np.ndarray, k: int = 5) -> dict:
+def query_rows(n: int, max_queries: int = MAX_QUERIES) -> np.ndarray:
+    """Rows that serve as queries: all of them, or an even sample of a large library."""
+    return np.arange(n) if n <= max_queries else np.linspace(0, n - 1, max_queries).astype(int)
+
+
+def retrieval_scores(rankings, labels: np.ndarray, k: int = 5, queries=None) -> dict:
     """Mean precision@k, recall@k and average precision of ranked result lists.
 
-    ``rankings[i]`` lists the library rows returned for query ``i`` (itself
-    excluded), best first; rows never returned count as misses.
+    ``rankings[i]`` lists the library rows returned for query row
+    ``queries[i]`` (default: row ``i``), itself excluded, best first; rows never
+    returned count as misses.
     """
     counts = pd.Series(labels).value_counts()
     precision, recall, average_precision = [], [], []
-    for query, ranked in enumerate(rankings):
+    queries = range(len(rankings)) if queries is None else queries
+    for query, ranked in zip(queries, rankings):
         relevant_total = counts[labels[query]] - 1
         hits = labels[np.asarray(ranked, dtype=int)] == labels[query]
         precision.append(hits[:k].sum() / k)
@@ -64,11 +72,15 @@ def retrieval_scores(rankings, labels: np.ndarray, k: int = 5) -> dict:
             "mAP": float(np.mean(average_precision))}
 
 
-def _full_rankings(matrix: np.ndarray, metric: str = "cosine") -> list[np.ndarray]:
-    distances = Recommender(metric).fit(matrix).distances(matrix)
-    np.fill_diagonal(distances, np.inf)
-    order = np.argsort(distances, axis=1, kind="stable")
-    return [row[:-1] for row in order]  # the query itself sorts last
+def _full_rankings(matrix: np.ndarray, metric: str, queries: np.ndarray) -> list[np.ndarray]:
+    model = Recommender(metric, threshold=np.inf).fit(matrix)
+    rankings = []
+    for start in range(0, len(queries), 256):  # blocks of queries bound the memory
+        rows = queries[start:start + 256]
+        distances = model.distances(matrix[rows])
+        distances[np.arange(len(rows)), rows] = np.inf
+        rankings.extend(np.argsort(distances, axis=1, kind="stable")[:, :-1])  # the query itself sorts last
+    return rankings
 
 
 def _query_ms(matrix: np.ndarray, metric: str, k: int, queries: int = 20) -> float:
@@ -82,22 +94,22 @@ def _query_ms(matrix: np.ndarray, metric: str, k: int, queries: int = 20) -> flo
     return float(np.median(times) * 1000)
 
 
-def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k: int) -> dict:
-    return {"method": name, **retrieval_scores(_full_rankings(matrix, metric), labels, k),
-            **threshold_honesty(matrix, labels, metric), "dims": matrix.shape[1],
+def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k: int, queries) -> dict:
+    return {"method": name, **retrieval_scores(_full_rankings(matrix, metric, queries), labels, k, queries),
+            **threshold_honesty(matrix, labels, metric, queries=queries), "dims": matrix.shape[1],
             "query ms": _query_ms(matrix, metric, k)}
 
 
-def _cluster_rankings(matrix: np.ndarray, order: str, k_range) -> tuple[list[np.ndarray], int]:
+def _cluster_rankings(matrix: np.ndarray, order: str, k_range, queries) -> tuple[list[np.ndarray], int]:
     model = KMeansBaseline(k_range=k_range, verbose=False).fit(matrix)
     labels = model.labels_
     unit = l2_normalize(matrix)
     rankings = [rank_cluster_members(unit, labels, unit[query], labels[query], exclude=query, order=order)[0]
-                for query in range(len(matrix))]
+                for query in queries]
     return rankings, model.k_
 
 
-def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> dict:
+def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cosine", *, queries=None) -> dict:
     """Share of held-out-class queries answered "No similar images found", and of present-class ones answered.
 
     Each class in turn is removed from the library; the threshold is calibrated
@@ -114,7 +126,8 @@ def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cos
         no_result.extend(distances[:, 0] >= threshold)
     threshold = calibrate_threshold(matrix, labels, metric)["value"]
     rec = Recommender(metric, threshold).fit(matrix)
-    distances, _ = rec.kneighbors(matrix, 1, exclude=np.arange(len(matrix)))
+    queries = np.arange(len(matrix)) if queries is None else np.asarray(queries)
+    distances, _ = rec.kneighbors(matrix[queries], 1, exclude=queries)
     return {"held-out: no result": float(np.mean(no_result)),
             "in library: answered": float(np.mean(distances[:, 0] < threshold)),
             "threshold": float(threshold)}
@@ -132,22 +145,29 @@ def pixel_features(root: str | os.PathLike, paths, size: int = PIXEL_SIZE) -> np
 
 def evaluate_features(matrix: np.ndarray, labels, *, k: int = 5,
                       others: dict[str, tuple[np.ndarray, str]] | None = None,
-                      k_range=range(2, 11)) -> pd.DataFrame:
+                      k_range=range(2, 11), max_queries: int = MAX_QUERIES) -> pd.DataFrame:
     """The comparison table: the cosine recommender and the K-Means baseline on ``matrix``
     (CNN features), then a nearest-neighbour row for each of ``others``
-    (``{name: (matrix, metric)}``, e.g. colour histograms or raw pixels)."""
+    (``{name: (matrix, metric)}``, e.g. colour histograms or raw pixels).
+
+    Every image is a query against all the others, or an even sample of
+    ``max_queries`` of them in a larger library (``table.attrs["queries"]``).
+    """
     labels = np.asarray(labels)
     k_range = range(k_range.start, min(k_range.stop, len(matrix)))
-    rows = [_nearest_neighbour_row("cosine recommender", matrix, "cosine", labels, k)]
+    queries = query_rows(len(matrix), max_queries)
+    rows = [_nearest_neighbour_row("cosine recommender", matrix, "cosine", labels, k, queries)]
     for order in ("distance", "file"):
-        rankings, chosen_k = _cluster_rankings(matrix, order, k_range)
+        rankings, chosen_k = _cluster_rankings(matrix, order, k_range, queries)
         rows.append({"method": f"K-Means baseline ({order} order, k={chosen_k})",
-                     **retrieval_scores(rankings, labels, k),
+                     **retrieval_scores(rankings, labels, k, queries),
                      # K-Means answers every query with its cluster: it never says "none".
                      "held-out: no result": 0.0, "in library: answered": 1.0, "dims": matrix.shape[1]})
     for name, (other, metric) in (others or {}).items():
-        rows.append(_nearest_neighbour_row(name, other, metric, labels, k))
-    return pd.DataFrame(rows)
+        rows.append(_nearest_neighbour_row(name, other, metric, labels, k, queries))
+    table = pd.DataFrame(rows)
+    table.attrs["queries"] = len(queries)
+    return table
 
 
 def comparison_sets(library: str | os.PathLike, paths, matrix: np.ndarray, *,

@@ -202,7 +202,9 @@ def _markdown_report(s: dict) -> str:
         "![distances](distances.png)", "",
     ]
     if s["evaluation"] is not None:
-        lines += ["## Evaluation (leave-one-out, classes from subfolders)", "",
+        queries = s["evaluation"].attrs.get("queries", s["usable"])
+        sample = f", on an even sample of {queries} query images" if queries < s["usable"] else ""
+        lines += [f"## Evaluation (leave-one-out, classes from subfolders{sample})", "",
                   s["evaluation"].to_markdown(index=False, floatfmt=".3f"), ""]
     lines += ["## Skipped files", ""]
     lines += [s["skipped"].to_markdown(index=False) if len(s["skipped"]) else "None.", ""]

@@ -35,3 +35,16 @@ def test_evaluate_writes_the_comparison_table(food_db, food_features, tmp_path):
     assert "| cosine recommender" in markdown and "precision@5" in markdown
     pixels = table.set_index("method").loc["raw pixels, cosine", "precision@5"]
     assert pixels < 0.5 < table.loc[0, "precision@5"]  # learnt features far above raw pixels
+
+
+def test_a_sample_of_queries_scores_like_all_of_them(food_features):
+    from similar_finder import load_features
+    from similar_finder.evaluate import evaluate_features, labels_from_paths
+
+    paths, matrix, _ = load_features(food_features)
+    labels = labels_from_paths(paths)
+    full = evaluate_features(matrix, labels)
+    sampled = evaluate_features(matrix, labels, max_queries=12)
+    assert full.attrs["queries"] == 36 and sampled.attrs["queries"] == 12
+    # 12 evenly spread queries, 2 per class, score close to all 36
+    assert abs(sampled.loc[0, "precision@5"] - full.loc[0, "precision@5"]) < 0.15
