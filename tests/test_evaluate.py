@@ -48,3 +48,24 @@ def test_a_sample_of_queries_scores_like_all_of_them(food_features):
     assert full.attrs["queries"] == 36 and sampled.attrs["queries"] == 12
     # 12 evenly spread queries, 2 per class, score close to all 36
     assert abs(sampled.loc[0, "precision@5"] - full.loc[0, "precision@5"]) < 0.15
+
+
+def test_an_unavailable_other_backbone_is_left_out_with_its_reason(food_db, food_features, tmp_path,
+                                                                   monkeypatch, caplog):
+    import keras
+
+    from similar_finder import backbones
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: Name or service not known")
+
+    monkeypatch.setattr(keras.applications, "VGG19", offline)
+    backbones._build_cached.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="similar_finder"):
+            table = evaluate(food_db, features_csv=food_features, other_backbones=("vgg19",),
+                             out_dir=tmp_path, progress=False)
+    finally:
+        backbones._build_cached.cache_clear()
+    assert not any("vgg19" in m for m in table["method"])
+    assert "left out vgg19" in caplog.text and "--weights PATH" in caplog.text
