@@ -76,6 +76,8 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
 
     if n_sample < 1:
         raise ValueError(f"n_sample must be at least 1, got {n_sample}")
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
     images_dir = Path(images_dir) if images_dir is not None else ensure_demo_library()
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder {images_dir} does not exist or is not a folder")
@@ -145,7 +147,7 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
         for _ in tqdm(drawn, total=len(tasks), desc="grids", unit="img", disable=not progress):
             pass
 
-    with step("t-SNE map"):
+    with step("t-SNE and UMAP maps"):
         sample = np.arange(len(paths))
         if len(paths) > TSNE_MAX:
             sample = np.linspace(0, len(paths) - 1, TSNE_MAX).astype(int)

@@ -64,3 +64,19 @@ def test_embedded_default_and_a_corrupt_file(tmp_path):
     assert "cat/broken.jpg" in report and "1 skipped" in report
     table = summary["evaluation"].set_index("method")
     assert table.loc["cosine recommender", "precision@5"] > 0.8
+
+
+def test_colour_histograms_can_drive_the_recommender(food_run, food_db):
+    _, out = food_run
+    summary = run_all(food_db, out=out, backbone="efficientnet_lite0", features="color", limit=3, progress=False)
+    assert summary["metric"] == "chi2" and len(list((out / "rec" / "color").glob("*.png"))) == 3
+    assert "color features, chi2 distance" in (out / "report.md").read_text()
+
+
+def test_bad_arguments_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="n_sample must be at least 1"):
+        run_all(tmp_path, n_sample=0)
+    with pytest.raises(ValueError, match="unknown feature kind 'colour'"):
+        run_all(tmp_path, features="colour")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_all(tmp_path / "missing")
