@@ -203,7 +203,7 @@ def extract_features(
     if previous is not None:
         known.add_store(previous)
     if in_progress is not None:
-        known.add_partial(files.partial, spec, in_progress)
+        known.add_partial(files.partial, spec)
 
     shas = _hashes_for(scan, root, previous, known.has_any, workers)
     todo, reused = [], 0
@@ -321,7 +321,7 @@ class _KnownResults:
         for rec in previous["audit"].itertuples(index=False):
             self.add(rec.sha256, rec.status, rec.detail, rows.get(rec.path))
 
-    def add_partial(self, folder: Path, spec: dict, held: dict):
+    def add_partial(self, folder: Path, spec: dict):
         if spec.get("discard_partial"):
             shutil.rmtree(folder, ignore_errors=True)
             return

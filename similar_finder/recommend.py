@@ -71,9 +71,14 @@ def pairwise_distances(queries: np.ndarray, library: np.ndarray, metric: str = "
 
 
 def nearest_neighbour_distances(features: np.ndarray, metric: str = "cosine", *, k: int = 1,
-                                center: bool = True, max_queries: int = 5_000, random_state: int = 0):
-    """Distances from (a sample of) the library's images to their ``k`` nearest other images."""
-    model = Recommender(metric=metric, threshold=np.inf, center=center).fit(features)
+                                center: bool = True, max_queries: int = 5_000, random_state: int = 0,
+                                model: "Recommender | None" = None):
+    """Distances from (a sample of) the library's images to their ``k`` nearest other images.
+
+    ``model`` is a Recommender already fitted on ``features``, to reuse its library.
+    """
+    if model is None:
+        model = Recommender(metric=metric, threshold=np.inf, center=center).fit(features)
     rows = np.arange(len(features))
     if len(rows) > max_queries:
         rows = np.sort(np.random.default_rng(random_state).choice(rows, max_queries, replace=False))
@@ -108,9 +113,7 @@ def calibrate_threshold(features: np.ndarray, labels=None, metric: str = "cosine
     if labels is None:
         distances, _, _ = nearest_neighbour_distances(features, metric, k=1, center=center,
                                                       max_queries=max_queries)
-        q1, q3 = np.percentile(distances[:, 0], [25, 75])
-        return {"value": float(q3 + 1.5 * (q3 - q1)), "method": "nn-tukey-fence", "metric": metric, "center": center,
-                "images": len(features)}
+        return _tukey_fence(distances[:, 0], metric, center, len(features))
     from sklearn.metrics import roc_curve
 
     labels = np.asarray(labels)
@@ -146,6 +149,12 @@ def calibrate_threshold(features: np.ndarray, labels=None, metric: str = "cosine
 
 def _threshold_key(features: str, metric: str) -> str:
     return f"{features}/{metric}"
+
+
+def _tukey_fence(nearest: np.ndarray, metric: str, center: bool, images: int) -> dict:
+    q1, q3 = np.percentile(nearest, [25, 75])
+    return {"value": float(q3 + 1.5 * (q3 - q1)), "method": "nn-tukey-fence", "metric": metric,
+            "center": center, "images": images}
 
 
 def save_threshold(calibration: dict, library: str | os.PathLike = DEFAULT_FEATURES, *,
@@ -238,7 +247,9 @@ class Recommender:
             return float(stored["value"])
         if len(self.raw_) < 3:
             return float("inf")
-        return calibrate_threshold(self.raw_, metric=self.metric, center=self.center)["value"]
+        # The unlabelled rule, on this recommender's own library rather than a second copy of it.
+        distances, _, _ = nearest_neighbour_distances(self.raw_, k=1, model=self)
+        return _tukey_fence(distances[:, 0], self.metric, self.center, len(self.raw_))["value"]
 
     def _build_faiss(self, features: np.ndarray):
         if self.metric not in ("cosine", "euclidean"):

@@ -105,6 +105,8 @@ def test_unlabelled_threshold_is_the_tukey_fence_of_nearest_neighbour_distances(
     q1, q3 = np.percentile(nn, [25, 75])
     assert result["method"] == "nn-tukey-fence"
     assert result["value"] == pytest.approx(q3 + 1.5 * (q3 - q1), abs=1e-4)
+    # A recommender with no stored threshold applies the same rule to its library.
+    assert Recommender(center=False).fit(matrix).threshold_ == pytest.approx(result["value"], abs=1e-6)
 
 
 def test_stored_threshold_is_the_default(library):
