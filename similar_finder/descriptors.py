@@ -2,7 +2,8 @@
 
 ``describe(file, kind)`` describes one image; ``library_descriptors(library, kind)``
 describes every image of a feature library in parallel (joblib), cached in
-``features.<kind>.csv`` and recomputed only for new or changed photos;
+``features.<kind>.csv`` and recomputed only for new or changed photos
+(``library_descriptor_sets`` does several kinds from one decode of each photo);
 ``find_duplicates(images_dir)`` groups near-identical images by perceptual hash
 (command line: ``python -m similar_finder.duplicates IMAGES_DIR``).
 
@@ -53,27 +54,36 @@ def perceptual_hash(pixels: np.ndarray, kind: str = "phash", hash_size: int = HA
     return function(Image.fromarray(pixels), hash_size=hash_size).hash.ravel().astype(np.float32)
 
 
+def _describe_pixels(pixels: np.ndarray, kind: str) -> np.ndarray:
+    return color_histogram(pixels) if kind == "color" else perceptual_hash(pixels, kind)
+
+
 def describe(file: str | os.PathLike, kind: str) -> np.ndarray:
     """The ``kind`` descriptor of one image file; raises ImageError for a bad file."""
     _check_kind(kind)
     pixels, _ = load_image(Path(file), _DECODE_SIZE)
-    return color_histogram(pixels) if kind == "color" else perceptual_hash(pixels, kind)
+    return _describe_pixels(pixels, kind)
 
 
-def _describe_or_none(file, kind):
+def _describe_or_none(file, kinds):
     try:
-        return describe(file, kind)
+        pixels, _ = load_image(Path(file), _DECODE_SIZE)
     except ImageError:
         return None
+    return [_describe_pixels(pixels, kind) for kind in kinds]
 
 
-def describe_many(root: Path, paths: list[str], kind: str, n_jobs: int = -1) -> list[np.ndarray | None]:
-    """Descriptors of many files, in parallel processes; None for files that cannot be decoded."""
+def describe_many(root: Path, paths: list[str], kinds, n_jobs: int = -1) -> list[list[np.ndarray] | None]:
+    """For each file, its descriptors of every kind in ``kinds`` from one decode; None if it cannot be decoded.
+
+    Runs in parallel processes.
+    """
     from joblib import Parallel, delayed
 
+    kinds = [_check_kind(k) for k in kinds]
     if len(paths) < 64:  # starting worker processes costs more than a few dozen images
-        return [_describe_or_none(root / p, kind) for p in paths]
-    return Parallel(n_jobs=n_jobs, batch_size=32)(delayed(_describe_or_none)(root / p, kind) for p in paths)
+        return [_describe_or_none(root / p, kinds) for p in paths]
+    return Parallel(n_jobs=n_jobs, batch_size=32)(delayed(_describe_or_none)(root / p, kinds) for p in paths)
 
 
 def library_descriptors(library: str | os.PathLike = DEFAULT_FEATURES, kind: str = "color", *,
@@ -84,34 +94,50 @@ def library_descriptors(library: str | os.PathLike = DEFAULT_FEATURES, kind: str
     ``<stem>.<kind>.csv`` (path, sha256, d0...) and reused while a photo's
     content hash is unchanged.
     """
+    paths, matrices, meta = library_descriptor_sets(library, (kind,), n_jobs=n_jobs)
+    return paths, matrices[kind], meta
+
+
+def library_descriptor_sets(library: str | os.PathLike = DEFAULT_FEATURES, kinds=KINDS, *,
+                            n_jobs: int = -1) -> tuple[list[str], dict[str, np.ndarray], dict]:
+    """Like :func:`library_descriptors` for several kinds, decoding each missing photo once."""
     from .features import FeatureFiles, _read_audit, load_features
 
-    _check_kind(kind)
+    kinds = [_check_kind(k) for k in kinds]
     files = FeatureFiles(Path(library))
     paths, _, meta = load_features(files.csv)
     audit = _read_audit(files.audit).set_index("path")["sha256"] if files.audit.is_file() else pd.Series(dtype=str)
-    shas = [audit.get(p, "") for p in paths]
-    cache_file = files.csv.with_suffix(f".{kind}.csv")
-    cached = {}
-    if cache_file.is_file():
-        frame = pd.read_csv(cache_file, dtype={"path": str, "sha256": str}, keep_default_na=False)
-        values = frame.iloc[:, 2:].to_numpy(np.float32)
-        cached = {(p, s): v for p, s, v in zip(frame["path"], frame["sha256"], values)}
-    todo = [i for i, key in enumerate(zip(paths, shas)) if key not in cached or not key[1]]
+    keys = list(zip(paths, [audit.get(p, "") for p in paths]))
+    caches = {kind: _read_cache(files.csv.with_suffix(f".{kind}.csv")) for kind in kinds}
+    todo = [i for i, key in enumerate(keys) if not key[1] or any(key not in caches[k] for k in kinds)]
     if todo:
         root = Path(meta["images_root"])
-        for i, vector in zip(todo, describe_many(root, [paths[i] for i in todo], kind, n_jobs)):
-            if vector is None:
+        for i, vectors in zip(todo, describe_many(root, [paths[i] for i in todo], kinds, n_jobs)):
+            if vectors is None:
                 raise ImageError(f"{paths[i]} can no longer be decoded; run the extraction again to refresh the library")
-            cached[(paths[i], shas[i])] = vector
-    matrix = np.stack([cached[key] for key in zip(paths, shas)])
-    if todo or len(cached) != len(paths):
-        frame = pd.DataFrame(matrix, columns=[f"d{i}" for i in range(matrix.shape[1])])
-        frame.insert(0, "sha256", shas)
-        frame.insert(0, "path", paths)
-        with atomic_write(cache_file, newline="") as handle:
-            frame.to_csv(handle, index=False, float_format="%.9g")
-    return paths, matrix, meta
+            for kind, vector in zip(kinds, vectors):
+                caches[kind][keys[i]] = vector
+    matrices = {}
+    for kind in kinds:
+        matrices[kind] = np.stack([caches[kind][key] for key in keys])
+        if todo or len(caches[kind]) != len(keys):
+            _write_cache(files.csv.with_suffix(f".{kind}.csv"), keys, matrices[kind])
+    return paths, matrices, meta
+
+
+def _read_cache(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path, dtype={"path": str, "sha256": str}, keep_default_na=False)
+    return dict(zip(zip(frame["path"], frame["sha256"]), frame.iloc[:, 2:].to_numpy(np.float32)))
+
+
+def _write_cache(path: Path, keys, matrix: np.ndarray) -> None:
+    frame = pd.DataFrame(matrix, columns=[f"d{i}" for i in range(matrix.shape[1])])
+    frame.insert(0, "sha256", [sha for _, sha in keys])
+    frame.insert(0, "path", [p for p, _ in keys])
+    with atomic_write(path, newline="") as handle:
+        frame.to_csv(handle, index=False, float_format="%.9g")
 
 
 def hamming_distances(bits_a: np.ndarray, bits_b: np.ndarray) -> np.ndarray:
@@ -140,12 +166,12 @@ def find_duplicates(images_dir: str | os.PathLike, max_distance: int = 6, kind: 
     if not root.is_dir():
         raise FileNotFoundError(f"images folder {images_dir} does not exist or is not a folder")
     paths = scan_images(root)["path"].tolist()
-    described = describe_many(root, paths, kind, n_jobs)
+    described = describe_many(root, paths, (kind,), n_jobs)
     keep = [i for i, v in enumerate(described) if v is not None]
     paths = [paths[i] for i in keep]
     if len(paths) < 2:
         return []
-    bits = np.stack([described[i] for i in keep])
+    bits = np.stack([described[i][0] for i in keep])
     rows, cols = [], []
     for start in range(0, len(bits), 2048):
         block = hamming_distances(bits[start:start + 2048], bits)

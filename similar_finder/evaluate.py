@@ -34,6 +34,7 @@ from .recommend import Recommender, calibrate_threshold
 log = logging.getLogger("similar_finder")
 PIXEL_SIZE = 32  # raw-pixel baseline: 32 x 32 RGB thumbnails, 3072 values
 MAX_QUERIES = 2_000  # above this many images, scores average over an even sample of queries
+CALIBRATION_QUERIES = 1_000  # each held-out class recalibrates the threshold: on a sample, to stay fast
 
 
 def labels_from_paths(paths) -> np.ndarray:
@@ -100,12 +101,14 @@ def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k
             "query ms": _query_ms(matrix, metric, k)}
 
 
-def _cluster_rankings(matrix: np.ndarray, order: str, k_range, queries) -> tuple[list[np.ndarray], int]:
+def _cluster_rankings(matrix: np.ndarray, k_range, queries) -> tuple[dict[str, list[np.ndarray]], int]:
+    """K-Means fitted once; each query's cluster members in distance order and in file order."""
     model = KMeansBaseline(k_range=k_range, verbose=False).fit(matrix)
     labels = model.labels_
     unit = l2_normalize(matrix)
-    rankings = [rank_cluster_members(unit, labels, unit[query], labels[query], exclude=query, order=order)[0]
-                for query in queries]
+    rankings = {order: [rank_cluster_members(unit, labels, unit[q], labels[q], exclude=q, order=order)[0]
+                        for q in queries]
+                for order in ("distance", "file")}
     return rankings, model.k_
 
 
@@ -120,7 +123,8 @@ def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cos
         inside = labels != held_out
         if len(np.unique(labels[inside])) < 2:
             continue
-        threshold = calibrate_threshold(matrix[inside], labels[inside], metric)["value"]
+        threshold = calibrate_threshold(matrix[inside], labels[inside], metric,
+                                        max_queries=CALIBRATION_QUERIES)["value"]
         rec = Recommender(metric, threshold).fit(matrix[inside])
         distances, _ = rec.kneighbors(matrix[~inside], 1)
         no_result.extend(distances[:, 0] >= threshold)
@@ -157,10 +161,10 @@ def evaluate_features(matrix: np.ndarray, labels, *, k: int = 5,
     k_range = range(k_range.start, min(k_range.stop, len(matrix)))
     queries = query_rows(len(matrix), max_queries)
     rows = [_nearest_neighbour_row("cosine recommender", matrix, "cosine", labels, k, queries)]
-    for order in ("distance", "file"):
-        rankings, chosen_k = _cluster_rankings(matrix, order, k_range, queries)
+    rankings, chosen_k = _cluster_rankings(matrix, k_range, queries)
+    for order, ranked in rankings.items():
         rows.append({"method": f"K-Means baseline ({order} order, k={chosen_k})",
-                     **retrieval_scores(rankings, labels, k, queries),
+                     **retrieval_scores(ranked, labels, k, queries),
                      # K-Means answers every query with its cluster: it never says "none".
                      "held-out: no result": 0.0, "in library: answered": 1.0, "dims": matrix.shape[1]})
     for name, (other, metric) in (others or {}).items():
@@ -173,12 +177,13 @@ def evaluate_features(matrix: np.ndarray, labels, *, k: int = 5,
 def comparison_sets(library: str | os.PathLike, paths, matrix: np.ndarray, *,
                     kinds=("pca", "color", "ahash", "dhash", "phash", "pixels")) -> dict:
     """The other feature kinds of a library, as ``{row name: (matrix, metric)}`` for the table."""
-    from .descriptors import library_descriptors
+    from .descriptors import KINDS, library_descriptor_sets
     from .reduce import fit_pca
 
     sets = {}
     names = {"color": "colour histogram, chi2", "ahash": "average hash, hamming",
              "dhash": "difference hash, hamming", "phash": "perceptual hash, hamming"}
+    descriptors = library_descriptor_sets(library, [k for k in kinds if k in KINDS])[1]
     for kind in kinds:
         if kind == "pca":
             pca = fit_pca(matrix)
@@ -188,7 +193,7 @@ def comparison_sets(library: str | os.PathLike, paths, matrix: np.ndarray, *,
             root = Path(load_features(library)[2]["images_root"])
             sets["raw pixels, cosine"] = (pixel_features(root, paths), "cosine")
         else:
-            sets[names[kind]] = (library_descriptors(library, kind)[1], METRIC_OF[kind])
+            sets[names[kind]] = (descriptors[kind], METRIC_OF[kind])
     return sets
 
 
