@@ -92,7 +92,7 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise ValueError(
                 f"{path} is not a legacy PyTorch checkpoint (zip-format files are not supported)"
             )
-        _protocol = _RestrictedUnpickler(f, {}).load()
+        _RestrictedUnpickler(f, {}).load()  # protocol version: nothing to check
         sys_info = _RestrictedUnpickler(f, {}).load()
         if not sys_info.get("little_endian", True):
             raise ValueError(f"{path} was saved on a big-endian machine; not supported")

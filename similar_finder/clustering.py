@@ -220,7 +220,7 @@ def recommend_by_cluster(
     paths, matrix, meta = load_features(library)
     kmeans = model if isinstance(model, KMeansBaseline) else KMeansBaseline.load(model)
     _check_compatible(kmeans, meta, matrix)
-    vector, own_row = query_vector(file, paths, matrix, meta)
+    vector, own_row = query_vector(file, {p: i for i, p in enumerate(paths)}, matrix, meta)
     cluster = int(kmeans.predict(vector)[0])
     members, distance = rank_cluster_members(l2_normalize(matrix), kmeans.predict(matrix), l2_normalize(vector),
                                              cluster, exclude=own_row, order=order)

@@ -73,8 +73,7 @@ def retrieval_scores(rankings, labels: np.ndarray, k: int = 5, queries=None) -> 
             "mAP": float(np.mean(average_precision))}
 
 
-def _full_rankings(matrix: np.ndarray, metric: str, queries: np.ndarray) -> list[np.ndarray]:
-    model = Recommender(metric, threshold=np.inf).fit(matrix)
+def _full_rankings(model: Recommender, matrix: np.ndarray, queries: np.ndarray) -> list[np.ndarray]:
     rankings = []
     for start in range(0, len(queries), 256):  # blocks of queries bound the memory
         rows = queries[start:start + 256]
@@ -84,9 +83,8 @@ def _full_rankings(matrix: np.ndarray, metric: str, queries: np.ndarray) -> list
     return rankings
 
 
-def _query_ms(matrix: np.ndarray, metric: str, k: int, queries: int = 20) -> float:
+def _query_ms(model: Recommender, matrix: np.ndarray, k: int, queries: int = 20) -> float:
     """Median time of one query against the library, in milliseconds."""
-    model = Recommender(metric, threshold=np.inf).fit(matrix)
     times = []
     for row in matrix[:queries]:
         started = time.perf_counter()
@@ -96,9 +94,10 @@ def _query_ms(matrix: np.ndarray, metric: str, k: int, queries: int = 20) -> flo
 
 
 def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k: int, queries) -> dict:
-    return {"method": name, **retrieval_scores(_full_rankings(matrix, metric, queries), labels, k, queries),
-            **threshold_honesty(matrix, labels, metric, queries=queries), "dims": matrix.shape[1],
-            "query ms": _query_ms(matrix, metric, k)}
+    model = Recommender(metric, threshold=np.inf).fit(matrix)  # one library copy for all three measures
+    return {"method": name, **retrieval_scores(_full_rankings(model, matrix, queries), labels, k, queries),
+            **threshold_honesty(matrix, labels, metric, queries=queries, model=model), "dims": matrix.shape[1],
+            "query ms": _query_ms(model, matrix, k)}
 
 
 def _cluster_rankings(matrix: np.ndarray, k_range, queries) -> tuple[dict[str, list[np.ndarray]], int]:
@@ -112,11 +111,13 @@ def _cluster_rankings(matrix: np.ndarray, k_range, queries) -> tuple[dict[str, l
     return rankings, model.k_
 
 
-def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cosine", *, queries=None) -> dict:
+def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cosine", *, queries=None,
+                      model: Recommender | None = None) -> dict:
     """Share of held-out-class queries answered "No similar images found", and of present-class ones answered.
 
     Each class in turn is removed from the library; the threshold is calibrated
-    on what remains and the removed images are queried against it.
+    on what remains and the removed images are queried against it. ``model`` is
+    a Recommender already fitted on the whole ``matrix``, to reuse.
     """
     no_result = []
     for held_out in np.unique(labels):
@@ -129,9 +130,9 @@ def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cos
         distances, _ = rec.kneighbors(matrix[~inside], 1)
         no_result.extend(distances[:, 0] >= threshold)
     threshold = calibrate_threshold(matrix, labels, metric)["value"]
-    rec = Recommender(metric, threshold).fit(matrix)
+    model = model or Recommender(metric, threshold).fit(matrix)
     queries = np.arange(len(matrix)) if queries is None else np.asarray(queries)
-    distances, _ = rec.kneighbors(matrix[queries], 1, exclude=queries)
+    distances, _ = model.kneighbors(matrix[queries], 1, exclude=queries)
     return {"held-out: no result": float(np.mean(no_result)),
             "in library: answered": float(np.mean(distances[:, 0] < threshold)),
             "threshold": float(threshold)}
@@ -139,10 +140,11 @@ def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cos
 
 def pixel_features(root: str | os.PathLike, paths, size: int = PIXEL_SIZE) -> np.ndarray:
     """Raw pixels of each image as a vector: the baseline any learnt feature must beat."""
+    from .features import _default_workers
     from .images import load_image
 
     root = Path(root)
-    with ThreadPoolExecutor(min(8, 2 * (os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(_default_workers()) as pool:
         pixels = list(pool.map(lambda p: load_image(root / p, size)[0], paths))
     return np.stack(pixels).reshape(len(paths), -1).astype(np.float32)
 

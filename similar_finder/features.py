@@ -254,9 +254,8 @@ def _requested_spec(backbone, pooling, input_size, weights, previous) -> dict:
     """What to embed with; ``previous`` is the existing store, or the interrupted run's config."""
     if backbone is None and previous is not None:
         cfg = previous["config"]
-        weights_arg = {"random": None}.get(cfg["weights"], cfg["weights"])
         return {"backbone": cfg["backbone"], "pooling": cfg["pooling"],
-                "input_size": int(cfg["input_size"]), "weights_arg": weights_arg}
+                "input_size": int(cfg["input_size"]), "weights_arg": weights_argument(cfg["weights"])}
     weights_arg = str(weights) if isinstance(weights, os.PathLike) else weights
     spec = {"backbone": backbone, "pooling": pooling, "input_size": int(input_size), "weights_arg": weights_arg}
     if previous is not None and backbone is not None:
@@ -271,9 +270,14 @@ def _requested_spec(backbone, pooling, input_size, weights, previous) -> dict:
     return spec
 
 
+def weights_argument(source: str) -> str | None:
+    """The ``weights=`` argument that rebuilds a backbone whose recorded weights are ``source``."""
+    return None if source == "random" else source
+
+
 def _spec_from_backbone(model) -> dict:
     cfg = model.config
-    return {**cfg, "weights_arg": {"random": None}.get(cfg["weights"], cfg["weights"])}
+    return {**cfg, "weights_arg": weights_argument(cfg["weights"])}
 
 
 def _config_of(spec: dict) -> dict:
@@ -544,16 +548,15 @@ def _write_store(files, root, scan, shas, known, spec, previous) -> pd.DataFrame
 
 # --- queries ---------------------------------------------------------------------------
 
-def find_in_library(file: str | os.PathLike, paths: list[str], meta: dict) -> int | None:
-    """Row index of ``file`` if it is one of the library's images, else None."""
+def find_in_library(file: str | os.PathLike, row_of: dict[str, int], meta: dict) -> int | None:
+    """Row index of ``file`` if it is one of the library's images (``row_of``: path -> row), else None."""
     root = Path(meta["images_root"])
     target = Path(file).expanduser().resolve()
     try:
         relative = target.relative_to(root.resolve()).as_posix()
     except ValueError:
         relative = Path(file).as_posix()  # a path given relative to the images root
-    index = {p: i for i, p in enumerate(paths)}
-    return index.get(relative)
+    return row_of.get(relative)
 
 
 def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
@@ -572,17 +575,17 @@ def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
     except ImageError as exc:
         raise ValueError(f"query {file} cannot be used: {exc}") from None
     model = build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=int(cfg["input_size"]),
-                           weights={"random": None}.get(cfg["weights"], cfg["weights"]))
+                           weights=weights_argument(cfg["weights"]))
     return model.embed(pixels[None])[0]
 
 
-def query_vector(file, paths: list[str], matrix: np.ndarray, meta: dict,
+def query_vector(file, row_of: dict[str, int], matrix: np.ndarray, meta: dict,
                  embed=None) -> tuple[np.ndarray, int | None]:
     """The query's vector and, if it is a library image, its row (to leave out of its results).
 
     A new image is described by ``embed(file)``, by default the library's CNN.
     """
-    row = find_in_library(file, paths, meta)
+    row = find_in_library(file, row_of, meta)
     if row is not None:
         return matrix[row], row
     if not Path(file).expanduser().is_file():

@@ -36,6 +36,20 @@ NO_RESULTS = "No similar images found"
 FAISS_EXACT_BELOW = 10_000  # below this, an exact flat index is as fast as an inverted one
 
 
+def check_features(features: str) -> str:
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
+    return features
+
+
+def _sample_rows(n: int, max_queries: int, random_state: int = 0) -> np.ndarray:
+    """All rows, or a sorted random sample of ``max_queries`` of them."""
+    rows = np.arange(n)
+    if n > max_queries:
+        rows = np.sort(np.random.default_rng(random_state).choice(rows, max_queries, replace=False))
+    return rows
+
+
 def _check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -79,9 +93,7 @@ def nearest_neighbour_distances(features: np.ndarray, metric: str = "cosine", *,
     """
     if model is None:
         model = Recommender(metric=metric, threshold=np.inf, center=center).fit(features)
-    rows = np.arange(len(features))
-    if len(rows) > max_queries:
-        rows = np.sort(np.random.default_rng(random_state).choice(rows, max_queries, replace=False))
+    rows = _sample_rows(len(features), max_queries, random_state)
     distances, indices = model.kneighbors(np.asarray(features)[rows], k, exclude=rows)
     return distances, indices, rows
 
@@ -119,9 +131,7 @@ def calibrate_threshold(features: np.ndarray, labels=None, metric: str = "cosine
     labels = np.asarray(labels)
     if len(labels) != len(features):
         raise ValueError(f"{len(labels)} labels for {len(features)} images")
-    rows = np.arange(len(features))
-    if len(rows) > max_queries:
-        rows = np.sort(np.random.default_rng(0).choice(rows, max_queries, replace=False))
+    rows = _sample_rows(len(features), max_queries)
     model = Recommender(metric, np.inf, center=center).fit(features)
     positives, negatives = [], []
     for start in range(0, len(rows), 512):
@@ -213,6 +223,7 @@ class Recommender:
         if features.ndim != 2 or len(features) == 0:
             raise ValueError("features must be a non-empty 2-D array (images x dimensions)")
         self.paths_ = list(paths) if paths is not None else [str(i) for i in range(len(features))]
+        self.row_of_ = {p: i for i, p in enumerate(self.paths_)}  # to recognise library images as queries
         self.meta_ = meta or {}
         self.embed_ = embed
         self.raw_ = features  # the caller's array, kept for lookups and calibration (no copy)
@@ -320,7 +331,7 @@ class Recommender:
         """The library images closest to ``file`` and under the threshold: ``(path, distance)``."""
         if int(n_sample) < 1:
             raise ValueError(f"n_sample must be at least 1, got {n_sample}")
-        vector, own_row = query_vector(file, self.paths_, self.raw_, self.meta_, self.embed_)
+        vector, own_row = query_vector(file, self.row_of_, self.raw_, self.meta_, self.embed_)
         distances, indices = self.kneighbors(vector, n_sample, exclude=[-1 if own_row is None else own_row])
         limit = self.threshold_ if threshold is None else float(threshold)
         keep = distances[0] < limit
@@ -335,8 +346,7 @@ def load_library(library: str | os.PathLike = DEFAULT_FEATURES, features: str = 
 
     ``embed(file)`` describes a new image the same way (None: the library's CNN).
     """
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"unknown feature kind {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
+    check_features(features)
     if features == "cnn":
         paths, matrix, meta = load_features(library)
         return paths, matrix, meta, None
@@ -370,9 +380,7 @@ def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: s
     unlabelled rule of :func:`calibrate_threshold`. An empty result means "No
     similar images found", which is printed when ``verbose``.
     """
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"unknown feature kind {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
-    metric = _check_metric(metric or DEFAULT_METRIC[features])
+    metric = _check_metric(metric or DEFAULT_METRIC[check_features(features)])
     csv = Path(library).expanduser().resolve()
     meta_file = FeatureFiles(csv).meta
     # The cache key changes when the features or the stored threshold change.

@@ -32,7 +32,8 @@ from .evaluate import comparison_sets, evaluate_features, labels_from_paths, wri
 from .features import FeatureFiles, extract_features
 from .plots import (distance_histogram, recommendation_grid, save_figure, silhouette_curve, tsne_embedding,
                     tsne_map, umap_embedding)
-from .recommend import (DEFAULT_METRIC, FEATURE_KINDS, Recommender, calibrate_threshold, load_library,
+from .recommend import (DEFAULT_METRIC, FEATURE_KINDS, Recommender, calibrate_threshold, check_features,
+                        load_library,
                         nearest_neighbour_distances, save_threshold)
 
 log = logging.getLogger("similar_finder")
@@ -76,8 +77,7 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
 
     if n_sample < 1:
         raise ValueError(f"n_sample must be at least 1, got {n_sample}")
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"unknown feature kind {features!r}; choose one of {', '.join(FEATURE_KINDS)}")
+    check_features(features)
     images_dir = Path(images_dir) if images_dir is not None else ensure_demo_library()
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder {images_dir} does not exist or is not a folder")
