@@ -1,8 +1,12 @@
-"""Atomic file writing and the project's default locations.
+"""Atomic file writing and the default locations.
 
 Every file the project writes goes through :func:`atomic_write`: the data lands
 in a temporary file beside the target and is renamed over it only once
 complete, so a crash or Ctrl-C never leaves a half-written CSV or model.
+
+Default folders are relative to the current working directory (``data/``,
+``models/``, ``output/``), like git's or pytest's: where the user runs the
+command, never where the package happens to be installed.
 """
 from __future__ import annotations
 
@@ -12,12 +16,9 @@ import os
 import tempfile
 from pathlib import Path
 
-# Defaults are relative to the project checkout (the folder that holds the
-# package), so notebooks, tests and the CLI agree wherever they are started from.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = PROJECT_ROOT / "data"
-MODELS_DIR = PROJECT_ROOT / "models"
-OUTPUT_DIR = PROJECT_ROOT / "output"
+DATA_DIR = Path("data")
+MODELS_DIR = Path("models")
+OUTPUT_DIR = Path("output")
 DEFAULT_FEATURES = DATA_DIR / "features.csv"
 
 # mkstemp creates files readable by the owner only; written files should get the
@@ -54,3 +55,9 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def read_json(path: str | os.PathLike):
     with open(path) as handle:
         return json.load(handle)
+
+
+def write_csv(path: str | os.PathLike, frame, **to_csv_kwargs) -> None:
+    """A DataFrame to CSV, atomically, without the index."""
+    with atomic_write(path, newline="") as handle:
+        frame.to_csv(handle, index=False, **to_csv_kwargs)

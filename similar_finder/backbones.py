@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import SimilarFinderError, check_choice, UsageError
+
 DEFAULT_BACKBONE = "resnet50"
 OFFLINE_BACKBONE = "efficientnet_lite0"
 BACKBONES = ("resnet50", "vgg19", "efficientnet_lite0")
@@ -29,7 +31,7 @@ _KERAS_WEIGHT_FILES = {
 }
 
 
-class BackboneError(RuntimeError):
+class BackboneError(SimilarFinderError, RuntimeError):
     """A backbone could not be built as asked."""
 
 
@@ -85,10 +87,9 @@ def build_backbone(
     ``weights`` is ``"imagenet"``, a path to a local weights file, or ``None`` for
     random weights (tests only: such features are meaningless).
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    check_choice("pooling", pooling, POOLINGS)
     if int(input_size) < 32:
-        raise ValueError(f"input_size must be at least 32 pixels, got {input_size}")
+        raise UsageError(f"input_size must be at least 32 pixels, got {input_size}")
     weights = str(weights) if isinstance(weights, os.PathLike) else weights
     if name is None:
         try:
@@ -100,8 +101,7 @@ def build_backbone(
             )
             return _build_cached(OFFLINE_BACKBONE, pooling, int(input_size), "imagenet")
     name = name.lower().replace("-", "_")
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    check_choice("backbone", name, BACKBONES)
     return _build_cached(name, pooling, int(input_size), weights)
 
 

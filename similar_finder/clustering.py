@@ -1,13 +1,16 @@
 """The baseline: K-Means over the features, k chosen by silhouette score.
 
 ``tune_k`` scores every k of a range; ``KMeansBaseline`` (``fit`` / ``predict`` /
-``save`` / ``load``) fits the chosen k; ``fit_baseline`` runs the whole step on a
-features file and saves ``models/kmeans.joblib`` and ``data/clusters.csv``;
-``recommend_by_cluster(file, n_sample)`` answers a query with images of its
-predicted cluster. Command line: ``python -m similar_finder.cluster``.
+``save`` / ``load``) fits the chosen k; ``fit_baseline(library)`` runs the whole
+step and saves ``models/kmeans.joblib`` and ``data/clusters.csv``.
+``ClusterRecommender`` answers queries with images of their predicted cluster,
+with the same verbs and the same answer shape as the cosine
+:class:`~similar_finder.recommender.Recommender`; ``recommend_by_cluster(file,
+n_sample)`` is the one-call version.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -17,45 +20,31 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from ._io import DATA_DIR, DEFAULT_FEATURES, MODELS_DIR, atomic_write
-from .features import load_features, query_vector
+from ._io import DATA_DIR, DEFAULT_FEATURES, MODELS_DIR, atomic_write, write_csv
+from .errors import SimilarFinderError, UsageError, check_choice, check_positive
+from .library import Library, as_library
+from .neighbors import l2_normalize
+from .recommender import Approach
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = MODELS_DIR / "kmeans.joblib"
 DEFAULT_CLUSTERS = DATA_DIR / "clusters.csv"
 DEFAULT_K_RANGE = range(2, 11)
 SILHOUETTE_SAMPLE = 5_000  # above this many vectors the silhouette is estimated on a sample
 MINIBATCH_ABOVE = 20_000  # above this many vectors MiniBatchKMeans replaces KMeans
+ORDERS = ("distance", "file")
 
 
-class ClusteringError(RuntimeError):
+class ClusteringError(SimilarFinderError):
     """A saved model or a features file does not fit the request."""
 
 
-def l2_normalize(x: np.ndarray, *, copy: bool = True) -> np.ndarray:
-    """Unit-length rows; ``copy=False`` divides in place (a library can be gigabytes)."""
-    x = np.asarray(x, dtype=np.float32)
-    # einsum sums the squares without np.linalg.norm's temporary copy of the whole array.
-    norms = np.maximum(np.sqrt(np.einsum("...i,...i->...", x, x))[..., None], 1e-12)
-    if copy:
-        return x / norms
-    x /= norms
-    return x
-
-
-def rank_cluster_members(unit: np.ndarray, labels: np.ndarray, query: np.ndarray, cluster: int,
-                         *, exclude: int | None = None, order: str = "distance"):
-    """Rows of ``cluster`` (own row excluded) and their cosine distances to the unit ``query``.
-
-    ``order="distance"``: closest first. ``order="file"``: in file (row) order.
-    """
-    members = np.flatnonzero(labels == cluster)
-    if exclude is not None:
-        members = members[members != exclude]
-    distance = 1.0 - unit[members] @ query
-    if order == "distance":
-        ranked = np.argsort(distance, kind="stable")
-        members, distance = members[ranked], distance[ranked]
-    return members, distance
+def clip_k_range(k_range, n: int) -> range:
+    """``k_range`` without the values a library of ``n`` images cannot have (k must be below n)."""
+    ks = [k for k in k_range if k < n]
+    if not ks or min(ks) < 2:
+        raise UsageError(f"k_range must hold values from 2 up to {n - 1} for {n} images, got {list(k_range)}")
+    return range(min(ks), max(ks) + 1)
 
 
 def _kmeans(k: int, n: int, random_state: int):
@@ -66,21 +55,15 @@ def _kmeans(k: int, n: int, random_state: int):
     return KMeans(k, random_state=random_state, n_init=10)
 
 
-def tune_k(
-    features: np.ndarray,
-    k_range=DEFAULT_K_RANGE,
-    *,
-    normalize: bool = True,
-    random_state: int = 0,
-    verbose: bool = True,
-) -> tuple[pd.DataFrame, int]:
+def tune_k(features: np.ndarray, k_range=DEFAULT_K_RANGE, *, normalize: bool = True,
+           random_state: int = 0) -> tuple[pd.DataFrame, int]:
     """Fit K-Means for every k in ``k_range``; return ``(table of k, silhouette, inertia; best k)``.
 
     With ``normalize=True`` (default) vectors are L2-normalised first: CNN
     features differ in length with image contrast and content size, which says
     little about what the picture shows, while their direction does. On unit
     vectors Euclidean K-Means groups by cosine similarity, the same geometry
-    the cosine recommender uses.
+    the cosine recommender uses. Each k's score is logged (INFO).
     """
     from sklearn.metrics import silhouette_score
 
@@ -88,42 +71,48 @@ def tune_k(
     n = len(x)
     ks = list(k_range)
     if not ks or min(ks) < 2:
-        raise ValueError(f"k_range must hold values of 2 or more, got {ks}")
+        raise UsageError(f"k_range must hold values of 2 or more, got {ks}")
     if max(ks) >= n:
-        raise ValueError(f"k_range goes up to {max(ks)} but there are only {n} images: k must be below {n}")
+        raise UsageError(f"k_range goes up to {max(ks)} but there are only {n} images: k must be below {n}")
     rows = []
     sample = SILHOUETTE_SAMPLE if n > SILHOUETTE_SAMPLE else None
     for k in ks:
         model = _kmeans(k, n, random_state).fit(x)
         score = silhouette_score(x, model.labels_, sample_size=sample, random_state=random_state)
         rows.append((k, float(score), float(model.inertia_)))
-        if verbose:
-            print(f"For n_clusters = {k}, the average silhouette score is {score:.4f}")
+        log.info("For n_clusters = %d, the average silhouette score is %.4f", k, score)
     table = pd.DataFrame(rows, columns=["k", "silhouette", "inertia"])
     best = int(table.loc[table["silhouette"].idxmax(), "k"])
     return table, best
 
 
 class KMeansBaseline:
-    """K-Means with k chosen by silhouette; scikit-learn shape, saved with joblib."""
+    """K-Means with k chosen by silhouette; scikit-learn shape, saved with joblib.
+
+    ``k_range`` is clipped to what the library's size allows.
+    """
 
     def __init__(self, k: int | None = None, k_range=DEFAULT_K_RANGE, *, normalize: bool = True,
-                 random_state: int = 0, verbose: bool = True):
+                 random_state: int = 0):
         self.k, self.k_range, self.normalize = k, k_range, normalize
-        self.random_state, self.verbose = random_state, verbose
+        self.random_state = random_state
 
     def _prepare(self, x):
         return l2_normalize(x) if self.normalize else np.asarray(x, np.float32)
 
-    def fit(self, features: np.ndarray, meta: dict | None = None) -> "KMeansBaseline":
+    def fit(self, features, meta: dict | None = None) -> "KMeansBaseline":
+        """Fit on a :class:`Library` (its CNN features) or a matrix."""
+        if isinstance(features, Library):
+            meta = {**features.meta, "features_file": str(features.files.csv), **(meta or {})}
+            features = features.matrix
         features = np.asarray(features, np.float32)
         started = time.perf_counter()
         if self.k is None:
-            self.tuning_, self.k_ = tune_k(features, self.k_range, normalize=self.normalize,
-                                           random_state=self.random_state, verbose=self.verbose)
+            self.tuning_, self.k_ = tune_k(features, clip_k_range(self.k_range, len(features)),
+                                           normalize=self.normalize, random_state=self.random_state)
         else:
             if not 2 <= self.k < len(features):
-                raise ValueError(f"k must be between 2 and {len(features) - 1} for {len(features)} images")
+                raise UsageError(f"k must be between 2 and {len(features) - 1} for {len(features)} images")
             self.tuning_, self.k_ = None, int(self.k)
         x = self._prepare(features)
         self.model_ = _kmeans(self.k_, len(x), self.random_state).fit(x)
@@ -139,6 +128,7 @@ class KMeansBaseline:
             "backbone": meta.get("backbone"), "pooling": meta.get("pooling"),
             "input_size": meta.get("input_size"), "dim": self.dim_, "k": self.k_,
             "normalize": self.normalize, "features_file": meta.get("features_file"),
+            "fingerprint": meta.get("fingerprint"),
             "fit_seconds": round(seconds, 3), "estimator": type(self.model_).__name__,
             "versions": {"scikit-learn": sklearn.__version__, "numpy": np.__version__,
                          "joblib": joblib.__version__, "python": platform.python_version()},
@@ -148,7 +138,7 @@ class KMeansBaseline:
         features = np.atleast_2d(np.asarray(features, np.float32))
         if features.shape[1] != self.dim_:
             raise ClusteringError(f"the model was fitted on {self.dim_}-d features, got {features.shape[1]}-d; "
-                                  f"refit it with `python -m similar_finder.cluster`")
+                                  f"refit it with `similar-finder cluster`")
         return self._prepare(features)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
@@ -168,67 +158,107 @@ class KMeansBaseline:
     def load(cls, path: str | os.PathLike = DEFAULT_MODEL) -> "KMeansBaseline":
         path = Path(path)
         if not path.is_file():
-            raise ClusteringError(f"no K-Means model at {path}; fit one with `python -m similar_finder.cluster`")
+            raise ClusteringError(f"no K-Means model at {path}; fit one with `similar-finder cluster`")
         model = joblib.load(path)
         if not isinstance(model, cls):
             raise ClusteringError(f"{path} does not hold a KMeansBaseline")
         return model
 
 
-def fit_baseline(
-    features_csv: str | os.PathLike = DEFAULT_FEATURES,
-    *,
-    k: int | None = None,
-    k_range=DEFAULT_K_RANGE,
-    model_path: str | os.PathLike = DEFAULT_MODEL,
-    clusters_csv: str | os.PathLike = DEFAULT_CLUSTERS,
-    normalize: bool = True,
-    verbose: bool = True,
-) -> KMeansBaseline:
-    """Tune k, fit K-Means on a features file, save the model and ``clusters.csv``."""
-    paths, matrix, meta = load_features(features_csv)
-    meta = {**meta, "features_file": str(Path(features_csv).resolve())}
-    model = KMeansBaseline(k, k_range, normalize=normalize, verbose=verbose).fit(matrix, meta)
+def fit_baseline(library=DEFAULT_FEATURES, *, k: int | None = None, k_range=DEFAULT_K_RANGE,
+                 model_path: str | os.PathLike = DEFAULT_MODEL,
+                 clusters_csv: str | os.PathLike = DEFAULT_CLUSTERS, normalize: bool = True) -> KMeansBaseline:
+    """Tune k, fit K-Means on a library (a Library or its CSV), save the model and ``clusters.csv``."""
+    library = as_library(library)
+    model = KMeansBaseline(k, k_range, normalize=normalize).fit(library)
     model.save(model_path)
-    distances = model.transform(matrix)[np.arange(len(matrix)), model.labels_]
-    clusters = pd.DataFrame({"path": paths, "cluster": model.labels_, "distance": distances})
-    with atomic_write(clusters_csv, newline="") as handle:
-        clusters.to_csv(handle, index=False)
+    distances = model.transform(library.matrix)[np.arange(len(library)), model.labels_]
+    write_csv(clusters_csv, pd.DataFrame({"path": library.paths, "cluster": model.labels_, "distance": distances}))
     return model
 
 
-def recommend_by_cluster(
-    file: str | os.PathLike,
-    n_sample: int = 4,
-    order: str = "distance",
-    *,
-    library: str | os.PathLike = DEFAULT_FEATURES,
-    model: KMeansBaseline | str | os.PathLike = DEFAULT_MODEL,
-) -> pd.DataFrame:
-    """Images of the query's predicted cluster: ``(path, cluster, distance)``.
+class ClusterRecommender(Approach):
+    """The K-Means baseline as a recommender: a query gets images of its predicted cluster.
 
-    ``order="distance"`` ranks them by cosine distance to the query;
-    ``order="file"`` takes the first ones in file order, as the original
-    notebook did (kept for comparison: every query of a cluster then gets the
-    same images). ``library`` is the feature CSV. A library image is looked up,
-    not re-embedded, and never recommends itself.
+    ``order="distance"`` ranks the members by cosine distance to the query;
+    ``order="file"`` takes them in file order, as the original notebook did
+    (kept for comparison: every query of a cluster then gets the same images).
+    It has no threshold: K-Means always answers. ``kneighbors`` pads with
+    distance ``inf`` and index ``-1`` when a cluster has fewer members than asked.
     """
-    if n_sample < 1:
-        raise ValueError(f"n_sample must be at least 1, got {n_sample}")
-    if order not in ("distance", "file"):
-        raise ValueError(f"order must be 'distance' or 'file', got {order!r}")
-    paths, matrix, meta = load_features(library)
-    kmeans = model if isinstance(model, KMeansBaseline) else KMeansBaseline.load(model)
-    _check_compatible(kmeans, meta, matrix)
-    vector, own_row = query_vector(file, {p: i for i, p in enumerate(paths)}, matrix, meta)
-    cluster = int(kmeans.predict(vector)[0])
-    members, distance = rank_cluster_members(l2_normalize(matrix), kmeans.predict(matrix), l2_normalize(vector),
-                                             cluster, exclude=own_row, order=order)
-    return pd.DataFrame({
-        "path": [paths[i] for i in members[:n_sample]],
-        "cluster": cluster,
-        "distance": distance[:n_sample].astype(float),
-    })
+
+    approach = "kmeans"
+    kind = "cnn"
+
+    def __init__(self, model: KMeansBaseline | str | os.PathLike | None = None, *, order: str = "distance",
+                 k_range=DEFAULT_K_RANGE):
+        self.model, self.order, self.k_range = model, check_choice("order", order, ORDERS), k_range
+
+    def fit(self, features, paths=None) -> "ClusterRecommender":
+        matrix = self._fit_library(features, paths, "cnn")
+        model = self.model
+        if model is None:
+            model = KMeansBaseline(k_range=self.k_range).fit(features)
+        elif not isinstance(model, KMeansBaseline):
+            model = KMeansBaseline.load(model)
+        _check_compatible(model, getattr(self.library_, "meta", {}), matrix)
+        self.kmeans_ = model
+        self.unit_ = l2_normalize(matrix)
+        self.labels_ = model.labels_ if self.model is None else model.predict(matrix)
+        self.threshold_ = np.inf
+        return self
+
+    def kneighbors(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
+        """Cluster members of each query, ranked by ``order``: ``(distances, indices)`` padded with inf / -1."""
+        check_positive("n_neighbors", n_neighbors)
+        own = queries is None
+        if own:
+            rows = np.arange(len(self.unit_)) if rows is None else np.asarray(rows, int).reshape(-1)
+            unit, clusters = self.unit_[rows], self.labels_[rows]
+        else:
+            unit = l2_normalize(np.atleast_2d(queries))
+            clusters, rows = self.kmeans_.predict(queries), np.full(len(unit), -1)
+        out_d = np.full((len(unit), n_neighbors), np.inf, np.float32)
+        out_i = np.full((len(unit), n_neighbors), -1, np.int64)
+        for q, (vector, cluster, own_row) in enumerate(zip(unit, clusters, rows)):
+            members = np.flatnonzero(self.labels_ == cluster)
+            members = members[members != own_row]
+            distance = 1.0 - self.unit_[members] @ vector
+            if self.order == "distance":
+                ranked = np.argsort(distance, kind="stable")
+                members, distance = members[ranked], distance[ranked]
+            out_d[q, :len(members[:n_neighbors])] = distance[:n_neighbors]
+            out_i[q, :len(members[:n_neighbors])] = members[:n_neighbors]
+        return out_d, out_i
+
+    def answer(self, distances, indices, threshold=None) -> pd.DataFrame:
+        """Like the recommender's answer, plus the ``cluster`` the results belong to."""
+        result = super().answer(distances, indices, threshold)
+        rows = np.asarray(indices).ravel()
+        result["cluster"] = self.labels_[rows[rows >= 0]].astype(int) if len(result) else pd.Series(dtype=int)
+        return result
+
+
+def recommend_by_cluster(file, n_sample: int = 4, order: str = "distance", *, library=DEFAULT_FEATURES,
+                         model: KMeansBaseline | str | os.PathLike = DEFAULT_MODEL) -> pd.DataFrame:
+    """Images of the query's predicted cluster: ``path``, ``distance`` (cosine), ``cluster``.
+
+    ``library`` is a :class:`Library` or its feature CSV; ``model`` the fitted
+    baseline or its joblib file. A library image is looked up, not re-embedded,
+    and never recommends itself.
+    """
+    check_positive("n_sample", n_sample)
+    check_choice("order", order, ORDERS)
+    library = as_library(library)
+    key = ("kmeans", order, model if isinstance(model, KMeansBaseline) else _file_key(model))
+    if key not in library.models:
+        library.models[key] = ClusterRecommender(model, order=order).fit(library)
+    return library.models[key].recommend(file, n_sample)
+
+
+def _file_key(path) -> tuple:
+    path = Path(path)
+    return (str(path.resolve()), path.stat().st_mtime_ns if path.is_file() else None)
 
 
 def _check_compatible(kmeans: KMeansBaseline, meta: dict, matrix: np.ndarray) -> None:
@@ -239,5 +269,5 @@ def _check_compatible(kmeans: KMeansBaseline, meta: dict, matrix: np.ndarray) ->
         raise ClusteringError(
             f"the saved K-Means model was fitted on {held.get('backbone')} features ({held.get('dim')}-d), "
             f"but the features file holds {meta.get('backbone')} features ({matrix.shape[1]}-d); "
-            f"refit it with `python -m similar_finder.cluster`"
+            f"refit it with `similar-finder cluster`"
         )

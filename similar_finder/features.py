@@ -1,28 +1,23 @@
-"""Images → feature CSV: one row per photo (``path,f0,...,f{D-1}``), computed once.
+"""Images → feature store, incrementally: which photos need embedding, and the runner that embeds them.
 
 ``extract_features(images_dir, out_csv=...)`` embeds every photo under a folder
-with a pretrained backbone and writes, beside ``out_csv`` (``features.csv``):
+with a pretrained backbone and writes a feature store (see :mod:`.store` for its
+files). Runs are incremental: a file is known by the SHA-256 of its content (its
+size and mtime only decide when to hash it again), so only new or changed photos
+are embedded, renamed or moved ones are not, and deleted ones drop out.
 
-* ``features.json`` – the sidecar: backbone, weights, input size, pooling,
-  dimension, images root, library versions, counts;
-* ``features.npy`` – the same matrix in binary, so large libraries load in
-  well under a second (the CSV stays the format people open and share);
-* ``features.files.csv`` – the audit: every file found, ``ok``, ``fixed`` or
-  ``skipped``, with the reason and its content hash;
-* ``features.skipped.csv`` – the skipped files alone, with the reason.
-
-Runs are incremental: a file is known by the SHA-256 of its content (its size
-and mtime only decide when to hash it again), so only new or changed photos are
-embedded, renamed or moved ones are not, and deleted ones drop out. Work is
-checkpointed in ``features.partial/`` so an interrupted run resumes.
-``load_features(csv)`` returns ``(paths, matrix, meta)``.
+The work is split the way it flows: :func:`scan_images` and :class:`KnownResults`
+decide what to embed; :class:`InProcessRunner` turns that list of files into
+vectors (a reader that decodes ahead in threads → the model in fixed-size
+batches → a writer that checkpoints to ``features.partial/``, so an interrupted
+run resumes); :func:`.store.write_store` writes the result. Another engine only
+has to be another runner.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import time
 from collections import deque
@@ -34,104 +29,29 @@ import numpy as np
 import pandas as pd
 
 from ._io import DEFAULT_FEATURES, atomic_write, read_json, write_json
+from .errors import MissingError, check_positive
 from .images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
+from .store import (AUDIT_COLUMNS, FORMAT_VERSION, FeatureFiles, FeaturesError, config_of, read_store,
+                    write_store)
 
-log = logging.getLogger("similar_finder")
-
-FORMAT_VERSION = 1
-_FLOAT_FORMAT = "%.9g"  # 9 significant digits round-trip float32 exactly
-_AUDIT_COLUMNS = ["path", "status", "detail", "size", "mtime_ns", "sha256"]
+log = logging.getLogger(__name__)
 
 
-class FeaturesError(RuntimeError):
-    """A features file is missing, unreadable or does not fit the request."""
+def default_workers() -> int:
+    """Threads for decoding and hashing: I/O and PIL release the GIL, so twice the cores."""
+    return min(8, 2 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
-class FeatureFiles:
-    """The files that make up one feature set, all derived from the CSV's path."""
+class ExtractionStats:
+    """What one extraction run did."""
 
-    csv: Path
-
-    @property
-    def meta(self) -> Path:
-        return self.csv.with_suffix(".json")
-
-    @property
-    def npy(self) -> Path:
-        return self.csv.with_suffix(".npy")
-
-    @property
-    def audit(self) -> Path:
-        return self.csv.with_suffix(".files.csv")
-
-    @property
-    def skipped(self) -> Path:
-        return self.csv.with_suffix(".skipped.csv")
-
-    @property
-    def partial(self) -> Path:
-        return self.csv.with_suffix(".partial")
-
-
-# --- reading ---------------------------------------------------------------------------
-
-def load_features(csv: str | os.PathLike = DEFAULT_FEATURES) -> tuple[list[str], np.ndarray, dict]:
-    """Return ``(paths, matrix, meta)`` for a feature CSV written by :func:`extract_features`.
-
-    ``paths`` are relative to ``meta["images_root"]`` (an absolute path here).
-    The binary copy is used when it is in step with the CSV; a CSV edited or
-    shared on its own is parsed and still works.
-    """
-    files = FeatureFiles(Path(csv))
-    if not files.csv.is_file():
-        raise FeaturesError(
-            f"no features file at {files.csv}. Create it with "
-            f"`python -m similar_finder.extract IMAGES_DIR --out {files.csv}`."
-        )
-    meta = _read_meta(files)
-    stat = files.csv.stat()
-    if (
-        meta.get("csv_stat") == [stat.st_size, stat.st_mtime_ns]
-        and files.npy.is_file()
-        and files.audit.is_file()
-    ):
-        matrix = np.load(files.npy)
-        audit = _read_audit(files.audit)
-        paths = audit.loc[audit["status"] != "skipped", "path"].tolist()
-        if matrix.shape[0] == len(paths):
-            return paths, matrix, meta
-    try:
-        frame = pd.read_csv(files.csv, dtype={"path": str})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise FeaturesError(f"cannot read {files.csv}: {exc}") from exc
-    if frame.columns[0] != "path":
-        raise FeaturesError(f"{files.csv} does not start with a 'path' column; is it a features file?")
-    matrix = frame.iloc[:, 1:].to_numpy(dtype=np.float32)
-    return frame["path"].tolist(), matrix, meta
-
-
-def _read_meta(files: FeatureFiles) -> dict:
-    if not files.meta.is_file():
-        # A bare CSV (shared without its sidecar) still loads; nothing is known of its origin.
-        return {"images_root": str(files.csv.parent)}
-    try:
-        meta = read_json(files.meta)
-    except (OSError, ValueError) as exc:
-        raise FeaturesError(f"cannot read the sidecar {files.meta}: {exc}") from exc
-    root = Path(meta.get("images_root", "."))
-    root = root if root.is_absolute() else (files.csv.parent / root).resolve()
-    absolute = meta.get("images_root_absolute")
-    if not root.is_dir() and absolute and Path(absolute).is_dir():
-        root = Path(absolute)  # the features folder was moved, the photos were not
-    meta["images_root"] = str(root)
-    return meta
-
-
-def _read_audit(path: Path) -> pd.DataFrame:
-    return pd.read_csv(
-        path, dtype={"path": str, "status": str, "detail": str, "sha256": str}, keep_default_na=False
-    )
+    images: int
+    embedded: int
+    reused: int
+    skipped: int
+    removed: int
+    seconds: float
 
 
 # --- scanning and hashing --------------------------------------------------------------
@@ -172,23 +92,24 @@ def extract_features(
     checkpoint_every: int = 512,
     overwrite: bool = False,
     progress: bool = True,
-) -> pd.DataFrame:
-    """Embed every image under ``images_dir`` and write the feature CSV (incrementally).
+):
+    """Embed every image under ``images_dir`` and write the feature store (incrementally).
 
     ``backbone=None`` keeps the backbone of an existing ``out_csv``, or uses the
     default (ResNet50, falling back to EfficientNet-Lite0 offline). Asking for a
     different backbone or configuration than ``out_csv`` holds is an error unless
     ``overwrite=True``: features of two models are never mixed in one file.
 
-    Returns a DataFrame (``path, f0..``) whose ``attrs`` hold ``meta`` and
-    ``stats`` (how many files were embedded, reused, skipped, removed).
+    Returns the :class:`~similar_finder.library.Library`, opened, with
+    ``library.stats`` (an :class:`ExtractionStats`) saying what this run did.
     """
+    from .library import Library
+
     started = time.perf_counter()
     root = Path(images_dir).expanduser().resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"images folder {images_dir} does not exist or is not a folder")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise MissingError(f"images folder {images_dir} does not exist or is not a folder")
+    check_positive("batch_size", batch_size)
     files = FeatureFiles(Path(out_csv).expanduser().resolve())
     if overwrite:
         shutil.rmtree(files.partial, ignore_errors=True)
@@ -199,55 +120,47 @@ def extract_features(
     scan = scan_images(root)
     if scan.empty:
         raise FeaturesError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    known = _KnownResults()
+    known = KnownResults()
     if previous is not None:
         known.add_store(previous)
     if in_progress is not None:
         known.add_partial(files.partial, spec)
 
     shas = _hashes_for(scan, root, previous, known.has_any, workers)
-    todo, reused = [], 0
-    for path, sha in zip(scan["path"], shas):
-        if sha is not None and sha in known.by_sha:
-            reused += 1
-        else:
-            todo.append((path, sha))
+    todo = [(path, sha) for path, sha in zip(scan["path"], shas) if sha is None or sha not in known.by_sha]
+    reused = len(scan) - len(todo)
     log.info("%d images under %s: %d known, %d to embed", len(scan), root, reused, len(todo))
 
-    model = None
     if todo:
         from .backbones import build_backbone
 
-        model = build_backbone(
-            spec["backbone"], pooling=spec["pooling"], input_size=spec["input_size"],
-            weights=spec["weights_arg"],
-        )
-        spec = _spec_from_backbone(model)
-        if previous is not None and previous["config"] != _config_of(spec):
-            raise _mismatch_error(files, previous["config"], _config_of(spec))
-        new_shas = _embed(todo, root, model, known, files.partial, spec, batch_size, workers,
-                          checkpoint_every, progress)
+        model = build_backbone(spec["backbone"], pooling=spec["pooling"], input_size=spec["input_size"],
+                               weights=spec["weights_arg"])
+        config = model.config
+        if previous is not None and previous["config"] != config:
+            raise _mismatch_error(files, previous["config"], config)
+        runner = InProcessRunner(model, batch_size=batch_size, workers=workers, progress=progress)
+        new_shas = runner.run(todo, root, CheckpointWriter(files.partial, config, known, checkpoint_every))
         shas = [new_shas.get(p, s) for p, s in zip(scan["path"], shas)]
     else:  # everything was known: the settings are those of the store or of the interrupted run
-        spec = {**spec, **(previous or in_progress)["config"]}
+        config = (previous or in_progress)["config"]
 
-    frame = _write_store(files, root, scan, shas, known, spec, previous)
+    audit, matrix = known.table(scan, shas, int(config["dim"]))
+    unchanged = (previous is not None and previous["audit"][AUDIT_COLUMNS].astype(str).equals(audit.astype(str)))
+    if not unchanged:
+        write_store(files, root, audit, matrix, config_of(config))
     shutil.rmtree(files.partial, ignore_errors=True)
-    stats = {
-        "images": len(scan),
-        "embedded": len(todo),
-        "reused": reused,
-        "skipped": int((frame.attrs["audit"]["status"] == "skipped").sum()),
-        "removed": 0 if previous is None else len(set(previous["audit"]["path"]) - set(scan["path"])),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    frame.attrs["stats"] = stats
-    log.info(
-        "%d vectors in %s (%d embedded, %d reused, %d skipped, %d removed) in %.1f s",
-        len(frame), files.csv, stats["embedded"], stats["reused"], stats["skipped"],
-        stats["removed"], stats["seconds"],
+    stats = ExtractionStats(
+        images=len(scan), embedded=len(todo), reused=reused,
+        skipped=int((audit["status"] == "skipped").sum()),
+        removed=0 if previous is None else len(set(previous["audit"]["path"]) - set(scan["path"])),
+        seconds=round(time.perf_counter() - started, 3),
     )
-    return frame
+    log.info("%d vectors in %s (%d embedded, %d reused, %d skipped, %d removed) in %.1f s",
+             len(matrix), files.csv, stats.embedded, stats.reused, stats.skipped, stats.removed, stats.seconds)
+    library = Library(files.csv)
+    library.stats = stats
+    return library
 
 
 def _requested_spec(backbone, pooling, input_size, weights, previous) -> dict:
@@ -275,15 +188,6 @@ def weights_argument(source: str) -> str | None:
     return None if source == "random" else source
 
 
-def _spec_from_backbone(model) -> dict:
-    cfg = model.config
-    return {**cfg, "weights_arg": weights_argument(cfg["weights"])}
-
-
-def _config_of(spec: dict) -> dict:
-    return {k: spec[k] for k in ("backbone", "weights", "input_size", "pooling", "dim")}
-
-
 def _mismatch_error(files: FeatureFiles, held: dict, wanted: dict) -> FeaturesError:
     return FeaturesError(
         f"{files.csv} holds features made with {held}, not {wanted}. Features of different "
@@ -294,7 +198,8 @@ def _mismatch_error(files: FeatureFiles, held: dict, wanted: dict) -> FeaturesEr
 def _load_previous(files: FeatureFiles, root: Path) -> dict | None:
     if not (files.csv.is_file() and files.meta.is_file() and files.audit.is_file()):
         return None
-    paths, matrix, meta = load_features(files.csv)
+    stored = read_store(files.csv)
+    meta = stored.meta
     if meta.get("format") != FORMAT_VERSION or "config" not in meta:
         raise FeaturesError(f"{files.meta} is not a sidecar this version understands; pass --overwrite")
     if Path(meta["images_root"]) != root:
@@ -302,13 +207,19 @@ def _load_previous(files: FeatureFiles, root: Path) -> dict | None:
             f"{files.csv} holds the features of {meta['images_root']}, not {root}. "
             f"Use another --out file for this folder, or --overwrite to replace it."
         )
-    audit = _read_audit(files.audit)
-    return {"files": files, "paths": paths, "matrix": matrix, "meta": meta,
-            "config": meta["config"], "audit": audit}
+    return {"files": files, "paths": stored.paths, "matrix": stored.matrix, "config": meta["config"],
+            "audit": stored.audit}
 
 
-class _KnownResults:
-    """Results already computed, by content hash: from the last run and from checkpoints."""
+def _read_partial_config(folder: Path) -> dict | None:
+    try:
+        return {"config": read_json(folder / "config.json")}
+    except (OSError, ValueError):
+        return None
+
+
+class KnownResults:
+    """Results already computed, by content hash: from the last run, from checkpoints, from this run."""
 
     def __init__(self):
         self.by_sha: dict[str, tuple[str, str, np.ndarray | None]] = {}
@@ -337,12 +248,16 @@ class _KnownResults:
         if self.chunks:
             log.info("resuming: %d results from an interrupted run", len(self.by_sha))
 
-
-def _read_partial_config(folder: Path) -> dict | None:
-    try:
-        return {"config": read_json(folder / "config.json")}
-    except (OSError, ValueError):
-        return None
+    def table(self, scan: pd.DataFrame, shas, dim: int) -> tuple[pd.DataFrame, np.ndarray]:
+        """The audit (one row per scanned file) and the matrix (one row per usable file)."""
+        audit_rows, vectors = [], []
+        for path, size, mtime, sha in zip(scan["path"], scan["size"], scan["mtime_ns"], shas):
+            status, detail, vector = self.by_sha.get(sha) or ("skipped", self.unreadable.get(path, "unreadable"), None)
+            audit_rows.append((path, status, detail, int(size), int(mtime), sha or ""))
+            if status != "skipped":
+                vectors.append(vector)
+        matrix = np.asarray(np.stack(vectors) if vectors else np.zeros((0, dim)), dtype=np.float32)
+        return pd.DataFrame(audit_rows, columns=AUDIT_COLUMNS), matrix
 
 
 def _hashes_for(scan, root, previous, needed, workers) -> list[str | None]:
@@ -359,16 +274,14 @@ def _hashes_for(scan, root, previous, needed, workers) -> list[str | None]:
             shas.append(None)
             to_hash.append(i)
     if needed and to_hash:
-        with ThreadPoolExecutor(workers or _default_workers()) as pool:
+        with ThreadPoolExecutor(workers or default_workers()) as pool:
             digests = pool.map(file_sha256, (root / scan["path"][i] for i in to_hash))
             for i, digest in zip(to_hash, digests):
                 shas[i] = digest
     return shas
 
 
-def _default_workers() -> int:
-    return min(8, 2 * (os.cpu_count() or 1))
-
+# --- the in-process runner: reader -> model -> writer ----------------------------------
 
 def _decode(root: Path, path: str, size: int):
     """Read, hash and decode one file; never raises for a bad image."""
@@ -400,199 +313,104 @@ def decoded_stream(root: Path, paths, size: int, pool: ThreadPoolExecutor, looka
         yield (path, *future.result())
 
 
-def _embed(todo, root, model, known, partial: Path, spec, batch_size, workers, checkpoint_every, progress):
-    from tqdm import tqdm
+class CheckpointWriter:
+    """Records results in :class:`KnownResults` and saves them in chunks, so a killed run resumes."""
 
-    partial.mkdir(parents=True, exist_ok=True)
-    write_json(partial / "config.json", _config_of(spec))
-    chunk_index = known.chunks
-    pending_records: list[tuple[str, str, str, np.ndarray | None]] = []
-    batch: list[tuple[str, str, np.ndarray, list[str]]] = []
-    new_shas: dict[str, str] = {}
+    def __init__(self, folder: Path, config: dict, known: KnownResults, every: int = 512):
+        self.folder, self.known, self.every = folder, known, every
+        self.dim = int(config["dim"])
+        self.records: list[tuple[str, str, str, np.ndarray | None]] = []
+        self.index = known.chunks
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "config.json", config_of(config))
 
-    def run_batch():
-        pixels = np.stack([b[2] for b in batch])
-        if len(batch) < batch_size:
-            # A fixed batch shape avoids recompiling the model for the last, short batch.
-            pixels = np.concatenate([pixels, np.zeros((batch_size - len(batch), *pixels.shape[1:]), pixels.dtype)])
-        vectors = model.embed(pixels)[: len(batch)]
-        for (path, sha, _, fixes), vector in zip(batch, vectors):
-            status = "fixed" if fixes else "ok"
-            known.add(sha, status, "; ".join(fixes), vector)
-            pending_records.append((sha, status, "; ".join(fixes), vector))
-        bar.update(len(batch))
-        batch.clear()
+    def add(self, sha: str, status: str, detail: str, vector: np.ndarray | None) -> None:
+        self.known.add(sha, status, detail, vector)
+        self.records.append((sha, status, detail, vector))
+        if len(self.records) >= self.every:
+            self.flush()
 
-    def checkpoint():
-        nonlocal chunk_index
-        if not pending_records:
+    def flush(self) -> None:
+        if not self.records:
             return
-        dim = model.dim
-        features = np.stack([v if v is not None else np.zeros(dim, np.float32) for *_, v in pending_records])
-        with atomic_write(partial / f"chunk-{chunk_index:06d}.npz", "wb") as handle:
-            np.savez(handle, sha=np.array([r[0] for r in pending_records]),
-                     status=np.array([r[1] for r in pending_records]),
-                     detail=np.array([r[2] for r in pending_records]), features=features)
-        chunk_index += 1
-        pending_records.clear()
+        features = np.stack([v if v is not None else np.zeros(self.dim, np.float32) for *_, v in self.records])
+        columns = list(zip(*[r[:3] for r in self.records]))
+        with atomic_write(self.folder / f"chunk-{self.index:06d}.npz", "wb") as handle:
+            np.savez(handle, sha=np.array(columns[0]), status=np.array(columns[1]),
+                     detail=np.array(columns[2]), features=features)
+        self.index += 1
+        self.records.clear()
 
-    bar = tqdm(total=len(todo), unit="img", desc=f"embedding ({spec['backbone']})", disable=not progress)
-    since_checkpoint = 0
-    try:
-        with ThreadPoolExecutor(workers or _default_workers()) as pool:
-            stream = decoded_stream(root, [p for p, _ in todo], spec["input_size"], pool, 4 * batch_size)
-            for path, sha, pixels, fixes, error in stream:
-                if sha is not None:
-                    new_shas[path] = sha
-                if error is not None:
-                    bar.write(f"skipped {path}: {error}")
-                    log.debug("skipped %s: %s", path, error)
-                    if sha is None:  # unreadable: no hash to remember it by
-                        known.unreadable[path] = error
-                        bar.update(1)
+
+class InProcessRunner:
+    """Embeds files in this process: threads decode ahead while the model runs fixed-size batches."""
+
+    def __init__(self, model, *, batch_size: int = 32, workers: int | None = None, progress: bool = True):
+        self.model, self.batch_size = model, check_positive("batch_size", batch_size)
+        self.workers, self.progress = workers or default_workers(), progress
+
+    def run(self, todo: list[tuple[str, str | None]], root: Path, writer: CheckpointWriter) -> dict[str, str]:
+        """Embed ``todo`` (path, known hash or None); returns the content hash of every file read."""
+        from tqdm import tqdm
+
+        batch: list[tuple[str, np.ndarray, list[str]]] = []
+        new_shas: dict[str, str] = {}
+        bar = tqdm(total=len(todo), unit="img", desc=f"embedding ({self.model.name})", disable=not self.progress)
+
+        def run_batch():
+            pixels = np.stack([b[1] for b in batch])
+            if len(batch) < self.batch_size:
+                # A fixed batch shape avoids recompiling the model for the last, short batch.
+                padding = np.zeros((self.batch_size - len(batch), *pixels.shape[1:]), pixels.dtype)
+                pixels = np.concatenate([pixels, padding])
+            for (sha, _, fixes), vector in zip(batch, self.model.embed(pixels)[: len(batch)]):
+                writer.add(sha, "fixed" if fixes else "ok", "; ".join(fixes), vector)
+            bar.update(len(batch))
+            batch.clear()
+
+        try:
+            with ThreadPoolExecutor(self.workers) as pool:
+                stream = decoded_stream(root, [p for p, _ in todo], self.model.input_size, pool, 4 * self.batch_size)
+                for path, sha, pixels, fixes, error in stream:
+                    if sha is not None:
+                        new_shas[path] = sha
+                    if error is None:
+                        batch.append((sha, pixels, fixes))
+                        if len(batch) == self.batch_size:
+                            run_batch()
                         continue
-                    known.add(sha, "skipped", error, None)
-                    pending_records.append((sha, "skipped", error, None))
+                    bar.write(f"skipped {path}: {error}")
+                    if sha is None:  # unreadable: no hash to remember it by
+                        writer.known.unreadable[path] = error
+                    else:
+                        writer.add(sha, "skipped", error, None)
                     bar.update(1)
-                    continue
-                batch.append((path, sha, pixels, fixes))
-                if len(batch) == batch_size:
+                if batch:
                     run_batch()
-                    since_checkpoint += batch_size
-                    if since_checkpoint >= checkpoint_every:
-                        checkpoint()
-                        since_checkpoint = 0
-            if batch:
-                run_batch()
-    finally:
-        # On Ctrl-C or an error, keep what was computed so the next run resumes from it.
-        checkpoint()
-        bar.close()
-    return new_shas
-
-
-def _csv_field(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
-
-
-def write_feature_csv(handle, paths: list[str], matrix: np.ndarray) -> None:
-    """``path,f0,...`` rows; five times faster than ``DataFrame.to_csv`` for wide float matrices."""
-    row_format = ",".join([_FLOAT_FORMAT] * matrix.shape[1])
-    handle.write(",".join(["path", *(f"f{i}" for i in range(matrix.shape[1]))]) + "\n")
-    for path, row in zip(paths, matrix.tolist()):
-        handle.write(f"{_csv_field(path)},{row_format % tuple(row)}\n")
-
-
-def _write_store(files, root, scan, shas, known, spec, previous) -> pd.DataFrame:
-    audit_rows, kept_paths, vectors = [], [], []
-    for path, size, mtime, sha in zip(scan["path"], scan["size"], scan["mtime_ns"], shas):
-        status, detail, vector = known.by_sha.get(sha) or ("skipped", known.unreadable.get(path, "unreadable"), None)
-        audit_rows.append((path, status, detail, int(size), int(mtime), sha or ""))
-        if status != "skipped":
-            kept_paths.append(path)
-            vectors.append(vector)
-    dim = int(spec.get("dim") or (previous["config"]["dim"] if previous else 0))
-    matrix = np.asarray(np.stack(vectors) if vectors else np.zeros((0, dim)), dtype=np.float32)
-    audit = pd.DataFrame(audit_rows, columns=_AUDIT_COLUMNS)
-    frame = pd.DataFrame(matrix, columns=[f"f{i}" for i in range(matrix.shape[1])])
-    frame.insert(0, "path", kept_paths)
-
-    unchanged = (
-        previous is not None
-        and previous["paths"] == kept_paths
-        and previous["audit"][_AUDIT_COLUMNS].astype(str).equals(audit.astype(str))
-    )
-    if unchanged:
-        meta = previous["meta"]
-    else:
-        import keras  # imported here: a run with nothing new needs neither Keras nor TensorFlow
-        import sklearn
-
-        with atomic_write(files.csv, newline="") as handle:
-            write_feature_csv(handle, kept_paths, matrix)
-        with atomic_write(files.npy, "wb") as handle:
-            np.save(handle, matrix)
-        with atomic_write(files.audit, newline="") as handle:
-            audit.to_csv(handle, index=False)
-        skipped = audit.loc[audit["status"] == "skipped", ["path", "detail"]].rename(columns={"detail": "reason"})
-        with atomic_write(files.skipped, newline="") as handle:
-            skipped.to_csv(handle, index=False)
-        stat = files.csv.stat()
-        meta = {
-            "format": FORMAT_VERSION,
-            "config": _config_of({**spec, "dim": dim}),
-            **_config_of({**spec, "dim": dim}),
-            # Relative, so a project moved with its photos still works; absolute as a fallback.
-            "images_root": os.path.relpath(root, files.csv.parent),
-            "images_root_absolute": str(root),
-            "rows": int(matrix.shape[0]),
-            "counts": audit["status"].value_counts().to_dict(),
-            "csv_stat": [stat.st_size, stat.st_mtime_ns],
-            "versions": {
-                "python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
-                "keras": keras.__version__, "keras_backend": keras.backend.backend(),
-                "scikit-learn": sklearn.__version__,
-            },
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        if previous is not None:
-            # Settings written by later steps (e.g. a calibrated threshold) survive a refresh.
-            for key, value in previous["meta"].items():
-                meta.setdefault(key, value)
-        write_json(files.meta, meta)
-        meta = _read_meta(files)
-    frame.attrs["meta"] = meta
-    frame.attrs["audit"] = audit
-    return frame
-
-
-# --- queries ---------------------------------------------------------------------------
-
-def find_in_library(file: str | os.PathLike, row_of: dict[str, int], meta: dict) -> int | None:
-    """Row index of ``file`` if it is one of the library's images (``row_of``: path -> row), else None."""
-    root = Path(meta["images_root"])
-    target = Path(file).expanduser().resolve()
-    try:
-        relative = target.relative_to(root.resolve()).as_posix()
-    except ValueError:
-        relative = Path(file).as_posix()  # a path given relative to the images root
-    return row_of.get(relative)
+        finally:
+            # On Ctrl-C or an error, keep what was computed so the next run resumes from it.
+            writer.flush()
+            bar.close()
+        return new_shas
 
 
 def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
     """Embed one image exactly as the library was embedded (backbone and settings from ``meta``)."""
     from .backbones import build_backbone
+    from .store import require_file
 
-    path = Path(file).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"query image {file} does not exist")
+    path = require_file(file)
     cfg = meta.get("config")
     if cfg is None:
         raise FeaturesError("the features file has no sidecar, so new images cannot be embedded the same way; "
-                            "re-create it with `python -m similar_finder.extract`")
-    try:
-        pixels, _ = load_image(path, int(cfg["input_size"]))
-    except ImageError as exc:
-        raise ValueError(f"query {file} cannot be used: {exc}") from None
+                            "re-create it with `similar-finder extract`")
+    pixels, _ = load_image(path, int(cfg["input_size"]))
     model = build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=int(cfg["input_size"]),
                            weights=weights_argument(cfg["weights"]))
     return model.embed(pixels[None])[0]
 
 
-def query_vector(file, row_of: dict[str, int], matrix: np.ndarray, meta: dict,
-                 embed=None) -> tuple[np.ndarray, int | None]:
-    """The query's vector and, if it is a library image, its row (to leave out of its results).
-
-    A new image is described by ``embed(file)``, by default the library's CNN.
-    """
-    row = find_in_library(file, row_of, meta)
-    if row is not None:
-        return matrix[row], row
-    if not Path(file).expanduser().is_file():
-        raise FileNotFoundError(f"query image {file} does not exist")
-    if embed is None:
-        return embed_file(file, meta), None
-    try:
-        return np.asarray(embed(Path(file).expanduser()), np.float32), None
-    except ImageError as exc:
-        raise ValueError(f"query {file} cannot be used: {exc}") from None
+def load_features(csv: str | os.PathLike = DEFAULT_FEATURES) -> tuple[list[str], np.ndarray, dict]:
+    """``(paths, matrix, meta)`` of a feature store; ``paths`` are relative to ``meta["images_root"]``."""
+    stored = read_store(csv)
+    return stored.paths, stored.matrix, stored.meta

@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import SimilarFinderError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # PIL's own limit (about 89 megapixels) is the threshold at which it only warns;
 # we refuse at that size so a crafted file cannot exhaust memory.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
-class ImageError(ValueError):
+class ImageError(SimilarFinderError, ValueError):
     """A file that cannot be used as an image; ``str(err)`` is the reason."""
 
 

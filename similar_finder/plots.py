@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ._io import atomic_write
+from .errors import UsageError
 from .images import ImageError, load_image
 
 THUMB = 160  # pixels of a thumbnail in a grid
@@ -44,7 +45,7 @@ def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_
     columns, and optionally ``label``. An empty ``results`` draws a clear
     "No similar images found" panel.
     """
-    from .recommend import NO_RESULTS
+    from .recommender import NO_RESULTS
 
     n = max(len(results), 3)  # an empty answer still gets room for its message
     fig = Figure(figsize=(2.2 * (n + 2), 4.4))
@@ -96,11 +97,11 @@ def tsne_embedding(matrix: np.ndarray, *, random_state: int = 0) -> np.ndarray:
     """2-D t-SNE of the (unit-normalised) features, perplexity adapted to the library's size."""
     from sklearn.manifold import TSNE
 
-    from .clustering import l2_normalize
+    from .neighbors import l2_normalize
 
     n = len(matrix)
     if n < 5:
-        raise ValueError(f"t-SNE needs at least 5 images, got {n}")
+        raise UsageError(f"t-SNE needs at least 5 images, got {n}")
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
     tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=random_state, metric="cosine")
     return tsne.fit_transform(l2_normalize(matrix))
@@ -110,11 +111,11 @@ def umap_embedding(matrix: np.ndarray, *, random_state: int = 0) -> np.ndarray:
     """2-D UMAP of the (unit-normalised) features (``umap-learn``), an alternative view to t-SNE."""
     import umap
 
-    from .clustering import l2_normalize
+    from .neighbors import l2_normalize
 
     n = len(matrix)
     if n < 5:
-        raise ValueError(f"UMAP needs at least 5 images, got {n}")
+        raise UsageError(f"UMAP needs at least 5 images, got {n}")
     reducer = umap.UMAP(n_neighbors=min(15, n - 1), metric="cosine", random_state=random_state, n_jobs=1)
     return reducer.fit_transform(l2_normalize(matrix))
 

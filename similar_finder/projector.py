@@ -1,6 +1,6 @@
 """Files for TensorBoard's embedding projector: an interactive 3-D view of the feature space.
 
-    python -m similar_finder.projector [--features data/features.csv] [--out output/projector]
+    similar-finder projector [--features-file data/features.csv] [--out output/projector]
 
 Writes ``tensors.tsv`` (one vector per image), ``metadata.tsv`` (path, K-Means
 cluster, class when the photos sit in class subfolders), ``sprite.png`` (all
@@ -9,19 +9,16 @@ thumbnails in one grid) and ``projector_config.pbtxt``, then prints the
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import _cli
-from ._io import DEFAULT_FEATURES, OUTPUT_DIR, atomic_write
+from ._io import DEFAULT_FEATURES, OUTPUT_DIR, atomic_write, write_csv
 from .clustering import KMeansBaseline
-from .features import load_features
+from .library import as_library
 from .images import ImageError, load_image
 
 SPRITE_MAX = 8192  # TensorBoard's largest sprite side
@@ -41,23 +38,18 @@ def sprite_image(root: Path, paths: list[str]) -> tuple[Image.Image, int]:
     return sprite, thumb
 
 
-def write_projector(features: str | Path = DEFAULT_FEATURES, out: str | Path | None = None) -> Path:
-    """Write the projector files for a feature library; returns the folder."""
-    from .evaluate import labels_from_paths
-
-    paths, matrix, meta = load_features(features)
+def write_projector(library=DEFAULT_FEATURES, out: str | Path | None = None) -> Path:
+    """Write the projector files for a feature library (a Library or its CSV); returns the folder."""
+    library = as_library(library)
     out = Path(out) if out else OUTPUT_DIR / "projector"
-    clusters = KMeansBaseline(k_range=range(2, min(11, len(paths))), verbose=False).fit(matrix).labels_
-    metadata = pd.DataFrame({"path": paths, "cluster": clusters})
-    try:
-        metadata["class"] = labels_from_paths(paths)
-    except ValueError:
-        pass
+    metadata = pd.DataFrame({"path": library.paths, "cluster": KMeansBaseline().fit(library).labels_})
+    labels = library.labels()
+    if labels is not None:
+        metadata["class"] = labels
     with atomic_write(out / "tensors.tsv", newline="") as handle:
-        np.savetxt(handle, matrix, delimiter="\t", fmt="%.6g")
-    with atomic_write(out / "metadata.tsv", newline="") as handle:
-        metadata.to_csv(handle, sep="\t", index=False)
-    sprite, thumb = sprite_image(Path(meta["images_root"]), paths)
+        np.savetxt(handle, library.matrix, delimiter="\t", fmt="%.6g")
+    write_csv(out / "metadata.tsv", metadata, sep="\t")
+    sprite, thumb = sprite_image(library.root, library.paths)
     with atomic_write(out / "sprite.png", "wb") as handle:
         sprite.save(handle, "PNG")
     config = ("embeddings {\n  tensor_name: \"similar_finder\"\n  tensor_path: \"tensors.tsv\"\n"
@@ -69,14 +61,7 @@ def write_projector(features: str | Path = DEFAULT_FEATURES, out: str | Path | N
     return out
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m similar_finder.projector", description=__doc__.splitlines()[0])
-    parser.add_argument("--features", default=str(DEFAULT_FEATURES))
-    parser.add_argument("--out", default=None, help="folder for the files (default: output/projector)")
-    args = parser.parse_args(argv)
-    out = write_projector(args.features, args.out)
-    print(f"projector files in {out}\nopen them with:  tensorboard --logdir {out}   (then the PROJECTOR tab)")
-
-
 if __name__ == "__main__":
-    sys.exit(_cli.run(main))
+    from .cli import main_for
+
+    raise SystemExit(main_for("projector"))

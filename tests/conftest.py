@@ -10,9 +10,8 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from similar_finder._io import PROJECT_ROOT  # noqa: E402
-
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+# The checkout's parent holds shared/ (see shared/data/README.md), here and in CI.
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 FOOD_DB = SHARED_DATA / "food" / "db"
 FOOD_QUERIES = SHARED_DATA / "food" / "queries"
 FAST = {"backbone": "efficientnet_lite0", "weights": None, "input_size": 64, "progress": False}
@@ -29,11 +28,6 @@ def make_images(folder: Path, count: int, size: int = 48, seed: int = 0, prefix:
         Image.fromarray(pixels).save(path, quality=90)
         paths.append(path)
     return paths
-
-
-def labels_of(paths) -> np.ndarray:
-    """The class of a shared photo is the name of its folder."""
-    return np.array([Path(p).parent.name for p in paths])
 
 
 @pytest.fixture(scope="session")

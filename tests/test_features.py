@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import FAST, labels_of, make_images
+from conftest import FAST, make_images
 from similar_finder import extract_features, load_features
+from similar_finder import store as store_module
 from similar_finder.backbones import Backbone
-from similar_finder import features as features_module
-from similar_finder.features import FeatureFiles, FeaturesError
+from similar_finder.library import labels_from_paths
+from similar_finder.store import FeatureFiles, FeaturesError
 
 
 def _extract(images, out, **kw):
@@ -25,7 +26,7 @@ def test_writes_csv_sidecar_audit_and_binary_copy(tmp_path):
     make_images(tmp_path / "imgs" / "sub", 6)
     make_images(tmp_path / "imgs", 3, prefix="top")
     out = tmp_path / "feat" / "features.csv"
-    frame = _extract(tmp_path / "imgs", out)
+    library = _extract(tmp_path / "imgs", out)
     files = FeatureFiles(out)
 
     csv = pd.read_csv(out)
@@ -37,7 +38,8 @@ def test_writes_csv_sidecar_audit_and_binary_copy(tmp_path):
     assert meta["images_root"] == str((tmp_path / "imgs").resolve())
     assert {"keras", "numpy", "scikit-learn"} <= set(meta["versions"])
     assert np.array_equal(np.load(files.npy), csv.iloc[:, 1:].to_numpy(np.float32))
-    assert np.array_equal(frame.iloc[:, 1:].to_numpy(), np.load(files.npy))
+    assert np.array_equal(library.matrix, np.load(files.npy))
+    assert library.frame().equals(pd.read_csv(out).astype({f"f{i}": np.float32 for i in range(1280)}))
     assert set(pd.read_csv(files.audit)["status"]) == {"ok"}
 
 
@@ -64,7 +66,7 @@ def test_inference_is_batched_and_matches_one_by_one(tmp_path, monkeypatch):
     calls.clear()
     single = _extract(tmp_path / "imgs", tmp_path / "b.csv", batch_size=1)
     assert len(calls) == 10
-    np.testing.assert_allclose(batched.iloc[:, 1:], single.iloc[:, 1:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(batched.matrix, single.matrix, rtol=1e-4, atol=1e-5)
 
 
 def test_incremental_runs_embed_only_what_changed(tmp_path):
@@ -72,7 +74,7 @@ def test_incremental_runs_embed_only_what_changed(tmp_path):
     paths = make_images(images, 6)
     out = tmp_path / "features.csv"
     first = _extract(images, out)
-    assert first.attrs["stats"]["embedded"] == 6
+    assert first.stats.embedded == 6
 
     make_images(images, 1, seed=7, prefix="new")                     # added
     make_images(images, 1, seed=8, prefix="img")                     # img0000 content changed
@@ -80,17 +82,17 @@ def test_incremental_runs_embed_only_what_changed(tmp_path):
     paths[2].unlink()                                                # deleted
     os.utime(paths[3], ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: same content
     second = _extract(images, out)
-    stats = second.attrs["stats"]
-    assert stats["embedded"] == 2 and stats["removed"] == 2 and stats["images"] == 6
-    assert set(second["path"]) == {"img0000.jpg", "img0003.jpg", "img0004.jpg", "img0005.jpg",
+    stats = second.stats
+    assert stats.embedded == 2 and stats.removed == 2 and stats.images == 6
+    assert set(second.paths) == {"img0000.jpg", "img0003.jpg", "img0004.jpg", "img0005.jpg",
                                    "new0000.jpg", "renamed.jpg"}
-    old = first.set_index("path")
-    new = second.set_index("path")
+    old = first.frame().set_index("path")
+    new = second.frame().set_index("path")
     np.testing.assert_array_equal(new.loc["renamed.jpg"], old.loc["img0001.jpg"])
     assert not np.allclose(new.loc["img0000.jpg"], old.loc["img0000.jpg"], rtol=1e-3, atol=0)
 
     third = _extract(images, out)
-    assert third.attrs["stats"]["embedded"] == 0 and len(third) == 6
+    assert third.stats.embedded == 0 and len(third) == 6
 
 
 def test_bad_files_are_skipped_listed_and_never_end_the_run(tmp_path):
@@ -108,17 +110,17 @@ def test_bad_files_are_skipped_listed_and_never_end_the_run(tmp_path):
     (images / "readme.txt").write_text("ignored: not an image extension")
 
     out = tmp_path / "features.csv"
-    frame = _extract(images, out)
-    assert sorted(frame["path"]) == ["img0000.jpg", "img0001.jpg", "img0002.jpg", "palette.gif"]
+    library = _extract(images, out)
+    assert sorted(library.paths) == ["img0000.jpg", "img0001.jpg", "img0002.jpg", "palette.gif"]
     skipped = pd.read_csv(FeatureFiles(out).skipped).set_index("path")["reason"]
     assert set(skipped.index) == {"empty.jpg", "notes.png", "truncated.jpg", "bomb.png"}
     assert "empty" in skipped["empty.jpg"] and "not an image" in skipped["notes.png"]
     assert "truncated" in skipped["truncated.jpg"] and "decompression bomb" in skipped["bomb.png"]
     audit = pd.read_csv(FeatureFiles(out).audit, keep_default_na=False).set_index("path")
     assert audit.loc["palette.gif", "status"] == "fixed" and "palette" in audit.loc["palette.gif", "detail"]
-    assert frame.attrs["stats"]["skipped"] == 4
+    assert library.stats.skipped == 4
     # Known bad files are not retried on the next run.
-    assert _extract(images, out).attrs["stats"]["embedded"] == 0
+    assert _extract(images, out).stats.embedded == 0
 
 
 def test_mixing_backbones_is_refused_unless_overwriting(tmp_path):
@@ -130,10 +132,10 @@ def test_mixing_backbones_is_refused_unless_overwriting(tmp_path):
     with pytest.raises(FeaturesError, match="cannot be mixed"):
         _extract(tmp_path / "imgs", out, input_size=96)
     replaced = _extract(tmp_path / "imgs", out, backbone="resnet50", overwrite=True)
-    assert replaced.shape == (3, 2049) and load_features(out)[2]["backbone"] == "resnet50"
+    assert replaced.matrix.shape == (3, 2048) and load_features(out)[2]["backbone"] == "resnet50"
     # Without a backbone argument, a re-run keeps the one the file holds.
     kept = extract_features(tmp_path / "imgs", out, progress=False)
-    assert kept.attrs["meta"]["backbone"] == "resnet50" and kept.attrs["stats"]["embedded"] == 0
+    assert kept.meta["backbone"] == "resnet50" and kept.stats.embedded == 0
 
 
 def test_a_failed_write_leaves_the_previous_files_intact(tmp_path, monkeypatch):
@@ -147,7 +149,7 @@ def test_a_failed_write_leaves_the_previous_files_intact(tmp_path, monkeypatch):
         handle.write("path,f0\npartial,")
         raise OSError("disk full")
 
-    monkeypatch.setattr(features_module, "write_feature_csv", crash)
+    monkeypatch.setattr(store_module, "write_feature_csv", crash)
     with pytest.raises(OSError, match="disk full"):
         _extract(tmp_path / "imgs", out)
     assert out.read_bytes() == before
@@ -172,11 +174,11 @@ def test_an_interrupted_run_resumes_without_losing_work(tmp_path):
     assert not out.exists() and len(list(partial.glob("chunk-*.npz"))) >= 3
 
     resumed = _extract(images, out, batch_size=2)
-    stats = resumed.attrs["stats"]
-    assert stats["reused"] >= 6 and stats["embedded"] + stats["reused"] == 300
+    stats = resumed.stats
+    assert stats.reused >= 6 and stats.embedded + stats.reused == 300
     assert not partial.exists() and len(resumed) == 300
     fresh = _extract(images, tmp_path / "fresh.csv", batch_size=2)
-    np.testing.assert_allclose(resumed.iloc[:, 1:], fresh.iloc[:, 1:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(resumed.matrix, fresh.matrix, rtol=1e-4, atol=1e-5)
 
 
 def test_cli_reports_errors_in_one_line(tmp_path):
@@ -194,14 +196,14 @@ def test_a_folder_without_images_is_a_clear_error(tmp_path):
 
 
 def test_missing_features_file_says_how_to_make_it(tmp_path):
-    with pytest.raises(FeaturesError, match="python -m similar_finder.extract"):
+    with pytest.raises(FeaturesError, match="similar-finder extract"):
         load_features(tmp_path / "features.csv")
 
 
 def test_pretrained_features_find_same_class_neighbours(food_features):
     """Leave-one-out precision@5 by cosine, computed here independently of the project's code."""
     csv = pd.read_csv(food_features)
-    labels = labels_of(csv["path"])
+    labels = labels_from_paths(csv["path"], required=True)
     x = csv.iloc[:, 1:].to_numpy(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     similarity = x @ x.T

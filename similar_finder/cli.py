@@ -1,0 +1,258 @@
+"""The command line, in one place: ``similar-finder <command>`` (or ``python -m similar_finder.<command>``).
+
+Commands: ``extract``, ``cluster``, ``recommend``, ``evaluate``, ``duplicates``,
+``projector``, ``run-all``. Options that mean the same thing are spelled the
+same everywhere: ``--features-file`` is always a feature CSV, ``--kind`` always
+a feature kind. Only the project's own errors (:class:`SimilarFinderError`)
+become a one-line message and exit status 2; anything else is a bug and keeps
+its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ._io import DEFAULT_FEATURES, OUTPUT_DIR, write_csv
+from .errors import SimilarFinderError
+
+PROG = "similar-finder"
+
+
+def _weights(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+def _backbone_options(parser) -> None:
+    from .backbones import BACKBONES, POOLINGS
+
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", choices=BACKBONES, default=None,
+                       help="CNN to embed with (default: the one the features file already uses, "
+                            "else resnet50, or efficientnet_lite0 when offline)")
+    group.add_argument("--pooling", choices=POOLINGS, default="avg")
+    group.add_argument("--input-size", type=int, default=224, help="square input side in pixels")
+    group.add_argument("--weights", type=_weights, default="imagenet",
+                       help="'imagenet' (downloaded by Keras), the path of a local weights file, "
+                            "or 'none' for random weights (tests only)")
+
+
+def _backbone_kwargs(args) -> dict:
+    return {"backbone": args.backbone, "pooling": args.pooling, "input_size": args.input_size,
+            "weights": args.weights}
+
+
+def _features_file(parser, default=str(DEFAULT_FEATURES)) -> None:
+    parser.add_argument("--features-file", default=default, metavar="CSV",
+                        help="feature CSV written by `extract` (default: %(default)s)")
+
+
+def _kind(parser, default: str = "cnn") -> None:
+    from .kinds import KINDS
+
+    parser.add_argument("--kind", choices=list(KINDS), default=default,
+                        help="what the nearest-neighbour recommender compares (default: %(default)s)")
+
+
+def _quiet(parser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# --- commands ----------------------------------------------------------------------------
+
+def _extract(args) -> None:
+    from .demo import ensure_demo_library
+    from .features import extract_features
+
+    images = args.images_dir if args.images_dir is not None else ensure_demo_library()
+    library = extract_features(images, args.out, **_backbone_kwargs(args), batch_size=args.batch_size,
+                               workers=args.workers, checkpoint_every=args.checkpoint_every,
+                               overwrite=args.overwrite, progress=not args.quiet)
+    if library.stats.skipped:
+        print(f"{library.stats.skipped} files skipped; reasons in {library.files.skipped}", file=sys.stderr)
+
+
+def _cluster(args) -> None:
+    from .clustering import fit_baseline
+
+    model = fit_baseline(args.features_file, k=args.k, k_range=range(args.k_min, args.k_max + 1),
+                         model_path=args.model, clusters_csv=args.clusters, normalize=not args.no_normalize)
+    print(f"chosen k = {model.k_}; model saved to {args.model}, clusters to {args.clusters}")
+
+
+def _recommend(args) -> None:
+    from .recommender import NO_RESULTS
+
+    if args.approach == "kmeans":
+        from .clustering import recommend_by_cluster
+
+        result = recommend_by_cluster(args.file, args.n, library=args.features_file, model=args.model)
+    else:
+        from .recommender import recommend
+
+        result = recommend(args.file, args.n, args.threshold, kind=args.kind, library=args.features_file)
+    print(result.to_string(index=False, float_format=lambda x: f"{x:.4f}") if len(result) else NO_RESULTS)
+
+
+def _evaluate(args) -> None:
+    from .evaluate import evaluate
+
+    others = [b for b in args.other_backbones.split(",") if b]
+    evaluation = evaluate(args.labelled_dir, features_csv=args.features_file, other_backbones=others, k=args.k,
+                          out_dir=args.out, progress=not args.quiet, **_backbone_kwargs(args))
+    print(f"\nbackbone: {evaluation.backbone}")
+    print(evaluation.to_markdown())
+    print(f"\nwritten: {Path(args.out) / 'evaluation.csv'} and evaluation.md")
+
+
+def _duplicates(args) -> None:
+    import pandas as pd
+
+    from .descriptors import find_duplicates
+
+    root = Path(args.images_dir)
+    out = Path(args.out) if args.out else OUTPUT_DIR / root.resolve().name / "duplicates"
+    groups = find_duplicates(root, args.max_distance, args.hash)
+    rows = [(i, path) for i, group in enumerate(groups) for path in group]
+    write_csv(out / "duplicates.csv", pd.DataFrame(rows, columns=["group", "path"]))
+    if not groups:
+        print(f"no near-duplicates found under {root} (max distance {args.max_distance} bits)")
+        return
+    from .plots import image_rows, save_figure
+
+    for i, group in enumerate(groups):
+        print(f"group {i}: " + ", ".join(group))
+        save_figure(image_rows({f"group {i}": group}, root, per_row=max(2, len(group))), out / f"group_{i:04d}.png")
+    print(f"{len(groups)} groups, {len(rows)} images; listed in {out / 'duplicates.csv'}, pictures beside it")
+
+
+def _projector(args) -> None:
+    from .projector import write_projector
+
+    out = write_projector(args.features_file, args.out)
+    print(f"projector files in {out}\nopen them with:  tensorboard --logdir {out}   (then the PROJECTOR tab)")
+
+
+def _run_all(args) -> None:
+    from .run_all import run_all
+
+    summary = run_all(args.images_dir, out=args.out, n_sample=args.n_sample, limit=args.limit, kind=args.kind,
+                      progress=not args.quiet, **_backbone_kwargs(args))
+    print(f"\nreport: {summary.report} (and report.md)")
+    print(f"grids:  {summary.out / 'rec'}/{summary.approach} and /kmeans ({summary.grids} each)")
+    print(f"plots:  tsne.png, umap.png, silhouette.png, distances.png in {summary.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .clustering import DEFAULT_CLUSTERS, DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Find visually similar images with pretrained CNN "
+                                                            "features.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("extract", help="embed every photo of a folder into a feature CSV (incremental)",
+                            description="Embed every photo under IMAGES_DIR with a pretrained CNN and write a "
+                                        "feature CSV. Re-running only embeds new or changed photos.")
+    p.add_argument("images_dir", nargs="?", default=None,
+                   help="folder of photos, searched recursively (default: the embedded demo library)")
+    p.add_argument("--out", default=str(DEFAULT_FEATURES), help="feature CSV to write (default: %(default)s)")
+    _backbone_options(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decoding threads")
+    p.add_argument("--checkpoint-every", type=int, default=512,
+                   help="save progress every N images, so an interrupted run resumes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing features file made with other "
+                                                            "settings")
+    _quiet(p)
+    p.set_defaults(run=_extract)
+
+    p = commands.add_parser("cluster", help="fit the K-Means baseline (k by silhouette)",
+                            description="Fit the K-Means baseline: k chosen by silhouette score, model saved "
+                                        "with joblib.")
+    _features_file(p)
+    p.add_argument("--k-min", type=int, default=2)
+    p.add_argument("--k-max", type=int, default=10)
+    p.add_argument("--k", type=int, default=None, help="use this k instead of tuning it")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--clusters", default=str(DEFAULT_CLUSTERS))
+    p.add_argument("--no-normalize", action="store_true", help="cluster raw vectors, not unit vectors")
+    p.set_defaults(run=_cluster)
+
+    p = commands.add_parser("recommend", help="the most similar library photos to one photo",
+                            description="Print the library photos most similar to FILE (or 'No similar images "
+                                        "found').")
+    p.add_argument("file", help="a photo: one of the library's, or a new one")
+    p.add_argument("-n", type=int, default=5, help="how many results at most (default: 5)")
+    _features_file(p)
+    _kind(p)
+    p.add_argument("--approach", choices=("cosine", "kmeans"), default="cosine",
+                   help="thresholded nearest neighbours (default) or the K-Means baseline")
+    p.add_argument("--threshold", type=float, default=None, help="distance limit (default: the calibrated one)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="K-Means model, with --approach kmeans")
+    p.set_defaults(run=_recommend)
+
+    p = commands.add_parser("evaluate", help="score every approach and feature kind on a labelled folder",
+                            description="Leave-one-out retrieval scores on a folder with one subfolder per class.")
+    p.add_argument("labelled_dir", help="folder with one subfolder of photos per class")
+    _features_file(p, default=None)
+    _backbone_options(p)
+    p.add_argument("--other-backbones", default="", help="comma-separated backbones to compare too, "
+                                                         "e.g. resnet50,vgg19")
+    p.add_argument("-k", type=int, default=5, help="results per query scored (default: 5)")
+    p.add_argument("--out", default=str(OUTPUT_DIR), help="folder for evaluation.csv / .md (default: %(default)s)")
+    _quiet(p)
+    p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser("duplicates", help="groups of near-identical photos (perceptual hash)",
+                            description="List groups of near-identical images (resized, recompressed or lightly "
+                                        "edited copies), write duplicates.csv and one picture per group.")
+    p.add_argument("images_dir")
+    p.add_argument("--max-distance", type=int, default=6, help="differing bits of 64 still called a copy")
+    p.add_argument("--hash", choices=("ahash", "dhash", "phash"), default="phash")
+    p.add_argument("--out", default=None, help="folder for duplicates.csv and the pictures "
+                                               "(default: output/<folder>/duplicates)")
+    p.set_defaults(run=_duplicates)
+
+    p = commands.add_parser("projector", help="files for TensorBoard's embedding projector",
+                            description="Write tensors, metadata and a sprite for TensorBoard's projector.")
+    _features_file(p)
+    p.add_argument("--out", default=None, help="folder for the files (default: output/projector)")
+    p.set_defaults(run=_projector)
+
+    p = commands.add_parser("run-all", help="everything: features, both approaches, grids, plots, report",
+                            description="Features, both recommenders, grids, plots and a report.")
+    p.add_argument("images_dir", nargs="?", default=None, help="folder of photos (default: the embedded demo "
+                                                               "library)")
+    p.add_argument("--out", default=None, help="output folder (default: output/<folder name>)")
+    _backbone_options(p)
+    p.add_argument("--n-sample", type=int, default=5, help="recommendations per image (default: 5)")
+    p.add_argument("--limit", type=int, default=None, help="draw grids for an even sample of N images")
+    _kind(p)
+    _quiet(p)
+    p.set_defaults(run=_run_all)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run one command; user errors and Ctrl-C become one line and an exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    except SimilarFinderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_for(command: str, argv=None) -> int:
+    """``python -m similar_finder.<command>``: the same as ``similar-finder <command>``."""
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

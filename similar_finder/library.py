@@ -1,0 +1,232 @@
+"""The library object: one feature store, opened once and passed along.
+
+``Library(csv)`` reads a feature store (see :mod:`.store`) and is then what every
+later step takes: the recommender, the K-Means baseline, the evaluation,
+``run_all`` and the app. It holds ``paths``, ``matrix`` (CNN features), ``meta``,
+``root`` (the images folder) and ``fingerprint``, and it is the only code that
+reads and writes what is derived from the features:
+
+* ``vectors(kind)`` – any registered feature kind (:mod:`.kinds`), computed once
+  and cached under ``<stem>.cache/``: whole-library values (PCA) keyed by the
+  fingerprint, per-photo descriptors by each photo's SHA-256;
+* ``query(file, kind)`` – a query's vector, looked up if it is a library photo;
+* ``thresholds`` / ``save_threshold`` – calibrated thresholds (``<stem>.thresholds.json``);
+* ``labels()`` – classes from the first folder of each path, when there are any.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+
+from ._io import DEFAULT_FEATURES, atomic_write, read_json, write_json
+from .errors import UsageError
+from .images import ImageError, load_image
+from .kinds import get_kind
+from .store import FeatureFiles, find_in_library, read_meta, read_store, require_file
+
+log = logging.getLogger(__name__)
+PCA_COMPONENTS = 128  # see reduce.DEFAULT_COMPONENTS
+
+
+def labels_from_paths(paths, *, required: bool = False) -> np.ndarray | None:
+    """The class of each image: its first folder under the images root.
+
+    None when the photos do not sit in two or more class folders, or an error
+    saying so with ``required=True``.
+    """
+    parts = [Path(p).parts for p in paths]
+    labels = np.array([p[0] if len(p) > 1 else "" for p in parts])
+    if len(labels) == 0 or (labels == "").any() or len(set(labels)) < 2:
+        if required:
+            raise UsageError("this needs a folder with one subfolder per class (at least two classes)")
+        return None
+    return labels
+
+
+class Library:
+    """A feature library: the store's contents plus everything derived from them."""
+
+    def __init__(self, csv: str | os.PathLike = DEFAULT_FEATURES):
+        self.files = FeatureFiles(Path(csv).expanduser().resolve())
+        stored = read_store(self.files.csv)
+        self.paths: list[str] = stored.paths
+        self.matrix: np.ndarray = stored.matrix
+        self.meta: dict = stored.meta
+        self.audit: pd.DataFrame | None = stored.audit
+        self.root = Path(self.meta["images_root"])
+        self.fingerprint: str = self.meta["fingerprint"]
+        self.row_of = {p: i for i, p in enumerate(self.paths)}
+        self.stats = None  # set by extract_features: what the run that produced this library did
+        self._vectors: dict[str, np.ndarray] = {"cnn": self.matrix}
+        self.models: dict = {}  # models fitted on this library, reused by recommend() and the app
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return (f"Library({str(self.files.csv)!r}: {len(self)} images, "
+                f"{self.meta.get('backbone', 'unknown backbone')}, {self.matrix.shape[1]}-d)")
+
+    @property
+    def config(self) -> dict | None:
+        """Backbone settings (None for a bare CSV shared without its sidecar)."""
+        return self.meta.get("config")
+
+    def labels(self, *, required: bool = False) -> np.ndarray | None:
+        return labels_from_paths(self.paths, required=required)
+
+    def frame(self) -> pd.DataFrame:
+        """The features as a DataFrame: ``path, f0, ..., f{D-1}``, as in the CSV."""
+        frame = pd.DataFrame(self.matrix, columns=[f"f{i}" for i in range(self.matrix.shape[1])])
+        frame.insert(0, "path", self.paths)
+        return frame
+
+    # --- derived values -----------------------------------------------------------------
+
+    def cached(self, name: str, compute):
+        """``compute()``, saved under ``<stem>.cache/name`` and reused while the fingerprint is unchanged."""
+        path = self.files.cache(name)
+        if path.is_file():
+            held = joblib.load(path)
+            if held.get("fingerprint") == self.fingerprint:
+                return held["value"]
+        value = compute()
+        with atomic_write(path, "wb") as handle:
+            joblib.dump({"fingerprint": self.fingerprint, "value": value}, handle)
+        return value
+
+    def pca(self, n_components: int = PCA_COMPONENTS):
+        """The PCA fitted on this library's CNN features (``variance_kept_`` says how much is kept)."""
+        from .reduce import fit_pca
+
+        return self.cached(f"pca{n_components}", lambda: fit_pca(self.matrix, n_components))
+
+    def vectors(self, kind: str = "cnn") -> np.ndarray:
+        """The library's matrix for a feature kind, rows in the order of ``paths``."""
+        get_kind(kind)
+        if kind not in self._vectors:
+            if kind == "pca":
+                self._vectors[kind] = self.pca().transform(self.matrix).astype(np.float32)
+            else:
+                self._vectors.update(self._per_photo([kind]))
+        return self._vectors[kind]
+
+    def prepare(self, kinds) -> None:
+        """Compute several per-photo kinds at once, decoding each photo once."""
+        missing = [k for k in kinds if k not in self._vectors and get_kind(k).from_pixels is not None]
+        if missing:
+            self._vectors.update(self._per_photo(missing))
+
+    def shas(self) -> list[str]:
+        """Each photo's SHA-256 (hashed now for a bare CSV, which has no audit)."""
+        if self.audit is not None:
+            known = dict(zip(self.audit["path"], self.audit["sha256"]))
+            if all(known.get(p) for p in self.paths):
+                return [known[p] for p in self.paths]
+        from .features import file_sha256
+
+        return [file_sha256(self.root / p) for p in self.paths]
+
+    def _per_photo(self, kinds) -> dict[str, np.ndarray]:
+        from .descriptors import describe_many
+
+        shas = self.shas()
+        caches = {}
+        for kind in kinds:
+            path = self.files.cache(f"photos-{kind}")
+            caches[kind] = joblib.load(path) if path.is_file() else {}
+        todo = [i for i, sha in enumerate(shas) if any(sha not in caches[k] for k in kinds)]
+        if todo:
+            described = describe_many(self.root, [self.paths[i] for i in todo], kinds)
+            for i, vectors in zip(todo, described):
+                if vectors is None:
+                    raise ImageError(f"{self.paths[i]} can no longer be decoded; "
+                                     f"run the extraction again to refresh the library")
+                for kind, vector in zip(kinds, vectors):
+                    caches[kind][shas[i]] = vector
+        result = {}
+        for kind in kinds:
+            result[kind] = np.stack([caches[kind][sha] for sha in shas]).astype(np.float32)
+            if todo or len(caches[kind]) != len(set(shas)):
+                kept = {sha: caches[kind][sha] for sha in shas}  # photos gone from the library drop out
+                with atomic_write(self.files.cache(f"photos-{kind}"), "wb") as handle:
+                    joblib.dump(kept, handle)
+        return result
+
+    # --- queries ------------------------------------------------------------------------
+
+    def describer(self, kind: str = "cnn"):
+        """``describe(file) -> vector``: a new photo described as the library's ``kind`` vectors are."""
+        spec = get_kind(kind)
+        if spec.from_pixels is not None:
+            return lambda file: spec.from_pixels(load_image(require_file(file), spec.decode_size)[0])
+        from .features import embed_file
+
+        if kind == "pca":
+            pca = self.pca()
+            return lambda file: pca.transform(embed_file(file, self.meta)[None])[0].astype(np.float32)
+        return lambda file: embed_file(file, self.meta)
+
+    def find(self, file: str | os.PathLike) -> int | None:
+        """Row of ``file`` if it is one of the library's photos (absolute or relative to ``root``)."""
+        return find_in_library(file, self.row_of, self.root)
+
+    def query(self, file: str | os.PathLike, kind: str = "cnn", describe=None) -> tuple[np.ndarray, int | None]:
+        """The query's ``kind`` vector and, if it is a library photo, its row (to leave out of its results)."""
+        row = self.find(file)
+        if row is not None:
+            return self.vectors(kind)[row], row
+        require_file(file)
+        try:
+            return np.asarray((describe or self.describer(kind))(Path(file).expanduser()), np.float32), None
+        except ImageError as exc:
+            raise ImageError(f"query {file} cannot be used: {exc}") from None
+
+    # --- thresholds ---------------------------------------------------------------------
+
+    @property
+    def thresholds(self) -> dict:
+        """Calibrated thresholds by ``"<kind>/<metric>"``."""
+        if self.files.thresholds.is_file():
+            return read_json(self.files.thresholds)
+        return self.meta.get("thresholds", {})  # where version 0.1 kept them
+
+    def threshold_for(self, kind: str, metric: str, center: bool) -> dict | None:
+        stored = self.thresholds.get(f"{kind}/{metric}")
+        if stored is not None and stored.get("center", True) == center:
+            return stored
+        return None
+
+    def save_threshold(self, calibration: dict, kind: str = "cnn") -> None:
+        """Store a calibrated threshold; recommenders over this library then use it by default."""
+        held = self.thresholds
+        held[f"{kind}/{calibration['metric']}"] = {**calibration, "features": kind,
+                                                    "fingerprint": self.fingerprint}
+        write_json(self.files.thresholds, held)
+
+
+def as_library(library) -> Library:
+    """A :class:`Library` from a Library or a features CSV path (opened once per process and version)."""
+    if isinstance(library, Library):
+        return library
+    return open_library(library)
+
+
+def open_library(csv: str | os.PathLike = DEFAULT_FEATURES) -> Library:
+    """The library at ``csv``, reused while its fingerprint is unchanged (a bare CSV is re-read)."""
+    files = FeatureFiles(Path(csv).expanduser().resolve())
+    if not files.meta.is_file():
+        return Library(files.csv)
+    meta = read_meta(files)
+    return _open_cached(str(files.csv), meta.get("fingerprint"), tuple(meta.get("csv_stat", ())))
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(csv: str, fingerprint: str | None, csv_stat: tuple) -> Library:
+    return Library(csv)

@@ -1,0 +1,170 @@
+"""The improved approach: thresholded nearest neighbours by cosine distance.
+
+``recommend(file, n_sample)`` returns the library images most similar to
+``file`` (a new photo, or one of the library's), closest first, as a DataFrame
+with the columns ``path`` (relative to the images folder) and ``distance``.
+Only neighbours closer than the threshold are returned, so fewer than
+``n_sample``, or none ("No similar images found"), is a normal and honest answer.
+
+:class:`Recommender` is the object behind it. It shares its verbs with the
+K-Means baseline (:class:`~similar_finder.clustering.ClusterRecommender`), so
+grids, evaluation and the app treat both approaches alike:
+
+* ``fit(library)`` – a :class:`~similar_finder.library.Library` (or a matrix);
+* ``kneighbors(queries=None, n, rows=None)`` – ``(distances, indices)``,
+  ``queries=None`` meaning the library's own rows, each without itself;
+* ``answer(distances, indices)`` – one query's neighbours under the threshold, as a DataFrame;
+* ``recommend(file, n_sample)`` – all of it for an image file.
+
+Besides CNN features (``kind="cnn"``, cosine), the same recommender works on
+any kind of :mod:`.kinds`: PCA-reduced CNN features, colour histograms
+(chi-square), perceptual hashes (Hamming) and raw pixels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+
+from ._io import DEFAULT_FEATURES
+from .errors import UsageError, check_choice, check_positive
+from .kinds import get_kind
+from .library import Library, as_library
+from .neighbors import METRICS, Neighbors
+from .thresholds import calibrate_threshold
+
+log = logging.getLogger(__name__)
+NO_RESULTS = "No similar images found"
+
+
+class Approach:
+    """What both approaches share: a fitted library, a threshold, and one answer shape."""
+
+    approach = "approach"
+    threshold_: float = np.inf
+
+    def _fit_library(self, features, paths, kind):
+        """The matrix to search and, when known, the library it came from."""
+        if isinstance(features, Library):
+            self.library_ = features
+            self.paths_ = features.paths
+            return features.vectors(kind)
+        features = np.asarray(features, np.float32)
+        if features.ndim != 2 or len(features) == 0:
+            raise UsageError("features must be a non-empty 2-D array (images x dimensions)")
+        self.library_ = None
+        self.paths_ = list(paths) if paths is not None else [str(i) for i in range(len(features))]
+        return features
+
+    def answer(self, distances: np.ndarray, indices: np.ndarray, threshold: float | None = None) -> pd.DataFrame:
+        """One query's results under the threshold, closest first: ``path``, ``distance``."""
+        limit = self.threshold_ if threshold is None else float(threshold)
+        distances, indices = np.asarray(distances).ravel(), np.asarray(indices).ravel()
+        keep = (distances < limit) & (indices >= 0)
+        return pd.DataFrame({"path": [self.paths_[i] for i in indices[keep]],
+                             "distance": distances[keep].astype(float)})
+
+    def recommend(self, file, n_sample: int = 4, threshold: float | None = None) -> pd.DataFrame:
+        """The library images closest to ``file`` and under the threshold."""
+        check_positive("n_sample", n_sample)
+        if self.library_ is None:
+            raise UsageError("this recommender was fitted on a bare matrix; fit it on a Library to query files")
+        vector, own_row = self.library_.query(file, self.kind)
+        if own_row is None:
+            distances, indices = self.kneighbors(vector, n_sample)
+        else:
+            distances, indices = self.kneighbors(None, n_sample, rows=[own_row])
+        result = self.answer(distances[0], indices[0], threshold)
+        if result.empty:
+            log.info("%s: %s", file, NO_RESULTS)
+        return result
+
+
+class Recommender(Approach):
+    """Nearest neighbours of one feature kind, with a distance threshold.
+
+    With ``center=True`` (default, cosine only) the library's mean vector is
+    subtracted before normalising. CNN features after ReLU all point into one
+    corner of the space, so plain cosine similarities crowd together; centring
+    spreads them (on the shared photos: precision@5 0.87 → 0.91 on food, mAP
+    0.46 → 0.49 on clothing). Distances stay ``1 - cos`` of the centred vectors.
+
+    ``threshold=None`` uses the threshold calibrated for the library
+    (:meth:`Library.save_threshold`), else the unlabelled rule of
+    :func:`~similar_finder.thresholds.calibrate_threshold`.
+    ``index="faiss"`` uses a FAISS index (``pip install faiss-cpu``) for very
+    large libraries: exact below 10k images, an inverted-file index above.
+    """
+
+    approach = "cosine"
+
+    def __init__(self, metric: str | None = None, threshold: float | None = None, *, kind: str = "cnn",
+                 center: bool = True, index: str = "brute", nprobe: int = 16):
+        self.kind = get_kind(kind).name
+        self.metric = check_choice("metric", metric or get_kind(kind).metric, METRICS)
+        self.threshold, self.center, self.index, self.nprobe = threshold, center, index, nprobe
+        self.neighbors = Neighbors(self.metric, center=center, index=index, nprobe=nprobe)
+
+    @classmethod
+    def from_library(cls, library=DEFAULT_FEATURES, kind: str = "cnn", metric: str | None = None,
+                     **kwargs) -> "Recommender":
+        """A recommender over a feature library (a Library or its CSV), on any feature kind."""
+        return cls(metric, kind=kind, **kwargs).fit(as_library(library))
+
+    def fit(self, features, paths=None) -> "Recommender":
+        """Hold the library: a :class:`Library`, or a matrix (images x dimensions) with optional paths."""
+        matrix = self._fit_library(features, paths, self.kind)
+        self.neighbors.fit(matrix)
+        self.raw_ = matrix
+        self.threshold_ = self._resolve_threshold()
+        return self
+
+    def _resolve_threshold(self) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        if self.library_ is not None:
+            stored = self.library_.threshold_for(self.kind, self.metric, self.center)
+            if stored is not None:
+                return float(stored["value"])
+        if len(self.raw_) < 3:
+            return float("inf")
+        return calibrate_threshold(self.raw_, neighbors=self.neighbors)["value"]
+
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        """Distance of each raw query vector to every library vector."""
+        return self.neighbors.distances(queries)
+
+    def kneighbors(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
+        """``(distances, indices)``, closest first; ``queries=None``: the library's ``rows``, without themselves.
+
+        No threshold is applied here (see :meth:`answer`).
+        """
+        return self.neighbors.kneighbors(queries, n_neighbors, rows=rows)
+
+
+def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: str | None = None, *,
+              kind: str = "cnn", library=DEFAULT_FEATURES) -> pd.DataFrame:
+    """The ``n_sample`` most similar library images to ``file``, closest first, under the threshold.
+
+    Returns a DataFrame with ``path`` (relative to the images folder) and
+    ``distance``; an empty one means "No similar images found". ``kind`` picks
+    what is compared: ``"cnn"`` (default), ``"pca"``, ``"color"``, ``"ahash"``,
+    ``"dhash"``, ``"phash"`` or ``"pixels"``; ``metric=None`` uses that kind's
+    metric. ``library`` is a :class:`Library` or the feature CSV of the photos
+    to search. ``threshold=None`` uses the threshold calibrated for this
+    library, else the unlabelled rule.
+    """
+    library = as_library(library)
+    model = _recommender_for(library, kind, metric)
+    return model.recommend(file, n_sample, threshold)
+
+
+def _recommender_for(library: Library, kind: str, metric: str | None) -> Recommender:
+    # One recommender per library version, kind, metric and stored threshold, reused across calls.
+    metric = check_choice("metric", metric or get_kind(kind).metric, METRICS)
+    key = (kind, metric, repr(library.threshold_for(kind, metric, True)))
+    if key not in library.models:
+        library.models[key] = Recommender(metric, kind=kind).fit(library)
+    return library.models[key]
