@@ -30,6 +30,11 @@ def make_images(folder: Path, count: int, size: int = 48, seed: int = 0, prefix:
     return paths
 
 
+def labels_of(paths) -> np.ndarray:
+    """The class of a shared photo is the name of the folder it sits in (checked against the library's rule)."""
+    return np.array([Path(p).parent.name for p in paths])
+
+
 @pytest.fixture(scope="session")
 def food_db() -> Path:
     assert FOOD_DB.is_dir(), f"the shared photos are missing: expected {FOOD_DB} (see shared/data/README.md)"

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import labels_of
-from similar_finder import load_features, recommend
-from similar_finder.descriptors import describe, find_duplicates, library_descriptors
+from similar_finder import Library, load_features, recommend
+from similar_finder.descriptors import describe, find_duplicates
 from similar_finder.projector import write_projector
-from similar_finder.reduce import fit_pca, library_pca
+from similar_finder.reduce import fit_pca
 
 
 @pytest.fixture(scope="module")
@@ -67,25 +67,27 @@ def test_duplicates_command_lists_and_draws_groups(food_db, tmp_path):
         assert np.asarray(img.convert("L")).std() > 10
 
 
-def test_library_descriptors_are_cached_and_follow_the_library(library):
-    paths, matrix, _ = library_descriptors(library, "color")
-    assert paths == load_features(library)[0] and matrix.shape == (36, 512)
-    cache = library.with_suffix(".color.csv")
+def test_library_descriptors_are_cached_and_follow_the_library(library, food_db):
+    opened = Library(library)
+    matrix = opened.vectors("color")
+    assert matrix.shape == (36, 512)
+    np.testing.assert_allclose(matrix[0], describe(food_db / opened.paths[0], "color"), rtol=1e-6)
+    cache = opened.files.cache("photos-color")
     assert cache.is_file()
     stamp = cache.stat().st_mtime_ns
-    again = library_descriptors(library, "color")[1]
+    again = Library(library).vectors("color")  # a fresh object: read from the cache
     np.testing.assert_allclose(again, matrix, rtol=1e-6)
     assert cache.stat().st_mtime_ns == stamp  # nothing recomputed or rewritten
 
 
 def test_recommend_by_colour_and_by_hash(library, food_db, tmp_path):
     photo = next(food_db.rglob("potato3*"))
-    by_colour = recommend(photo, 3, features="color", threshold=10.0, library=library, verbose=False)
+    by_colour = recommend(photo, 3, 10.0, kind="color", library=library)
     assert len(by_colour) == 3 and by_colour["distance"].is_monotonic_increasing
-    assert by_colour.attrs["threshold"] == 10.0
+    assert (by_colour["distance"] < 10.0).all()
     copy = tmp_path / "copy.jpg"
     Image.open(photo).convert("RGB").save(copy, quality=40)
-    by_hash = recommend(copy, 1, features="phash", threshold=64, library=library, verbose=False)
+    by_hash = recommend(copy, 1, 64, kind="phash", library=library)
     assert by_hash["path"][0] == photo.relative_to(food_db).as_posix() and by_hash["distance"][0] <= 6
 
 
@@ -93,17 +95,17 @@ def test_pca_keeps_precision_and_reports_variance(library):
     paths, matrix, _ = load_features(library)
     pca = fit_pca(matrix, 16)
     assert pca.n_components_ == 16 and 0.5 < pca.variance_kept_ < 1.0
-    _, reduced, _, pca_lib = library_pca(library, 16)
-    assert reduced.shape == (36, 16)
+    reduced = Library(library).pca(16).transform(matrix)
+    assert reduced.shape == (36, 16) and Library(library).vectors("pca").shape == (36, 36)
     query = load_features(library)[2]["images_root"] + "/" + paths[0]
-    result = recommend(query, 3, features="pca", threshold=2.0, library=library, verbose=False)
+    result = recommend(query, 3, 2.0, kind="pca", library=library)
     assert len(result) == 3 and paths[0] not in set(result["path"])
 
 
 def test_evaluation_compares_every_feature_kind(food_db, library, tmp_path):
     from similar_finder.evaluate import evaluate
 
-    table = evaluate(food_db, features_csv=library, out_dir=tmp_path, progress=False).set_index("method")
+    table = evaluate(food_db, features_csv=library, out_dir=tmp_path, progress=False).table.set_index("method")
     names = " | ".join(table.index)
     for kind in ("CNN PCA", "colour histogram", "average hash", "difference hash", "perceptual hash", "raw pixels"):
         assert kind in names

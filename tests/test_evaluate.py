@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from similar_finder.evaluate import evaluate, labels_from_paths, retrieval_scores
+from similar_finder.evaluate import evaluate, retrieval_scores
+from similar_finder.library import labels_from_paths
 
 
 def test_retrieval_scores_by_hand():
@@ -21,11 +22,12 @@ def test_retrieval_scores_by_hand():
 def test_labels_need_class_subfolders():
     assert list(labels_from_paths(["cat/1.jpg", "dog/2.jpg"])) == ["cat", "dog"]
     with pytest.raises(ValueError, match="one subfolder per class"):
-        labels_from_paths(["1.jpg", "dog/2.jpg"])
+        labels_from_paths(["1.jpg", "dog/2.jpg"], required=True)
+    assert labels_from_paths(["1.jpg", "dog/2.jpg"]) is None
 
 
 def test_evaluate_writes_the_comparison_table(food_db, food_features, tmp_path):
-    table = evaluate(food_db, features_csv=food_features, out_dir=tmp_path, progress=False)
+    table = evaluate(food_db, features_csv=food_features, out_dir=tmp_path, progress=False).table
     methods = list(table["method"])
     assert methods[0] == "cosine recommender (CNN efficientnet_lite0)" and "raw pixels, cosine" in methods
     assert sum(m.startswith("K-Means baseline") for m in methods) == 2
@@ -39,15 +41,15 @@ def test_evaluate_writes_the_comparison_table(food_db, food_features, tmp_path):
 
 def test_a_sample_of_queries_scores_like_all_of_them(food_features):
     from similar_finder import load_features
-    from similar_finder.evaluate import evaluate_features, labels_from_paths
+    from similar_finder.evaluate import evaluate_features
 
     paths, matrix, _ = load_features(food_features)
     labels = labels_from_paths(paths)
     full = evaluate_features(matrix, labels)
     sampled = evaluate_features(matrix, labels, max_queries=12)
-    assert full.attrs["queries"] == 36 and sampled.attrs["queries"] == 12
+    assert full.queries == 36 and sampled.queries == 12
     # 12 evenly spread queries, 2 per class, score close to all 36
-    assert abs(sampled.loc[0, "precision@5"] - full.loc[0, "precision@5"]) < 0.15
+    assert abs(sampled.table.loc[0, "precision@5"] - full.table.loc[0, "precision@5"]) < 0.15
 
 
 def test_an_unavailable_other_backbone_is_left_out_with_its_reason(food_db, food_features, tmp_path,
@@ -64,7 +66,7 @@ def test_an_unavailable_other_backbone_is_left_out_with_its_reason(food_db, food
     try:
         with caplog.at_level("WARNING", logger="similar_finder"):
             table = evaluate(food_db, features_csv=food_features, other_backbones=("vgg19",),
-                             out_dir=tmp_path, progress=False)
+                             out_dir=tmp_path, progress=False).table
     finally:
         backbones._build_cached.cache_clear()
     assert not any("vgg19" in m for m in table["method"])

@@ -6,26 +6,26 @@ from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
 from conftest import FOOD_QUERIES, labels_of
-from similar_finder import load_features
+from similar_finder import Library, load_features
 from similar_finder.evaluate import evaluate_features, threshold_honesty
-from similar_finder.recommend import (NO_RESULTS, Recommender, calibrate_threshold, recommend,
-                                      save_threshold)
+from similar_finder.recommender import NO_RESULTS, Recommender, recommend
+from similar_finder.thresholds import calibrate_threshold
 
 
 @pytest.fixture(scope="module")
 def library(food_features, tmp_path_factory):
-    """A private copy of the food features with a labelled threshold stored in its sidecar."""
+    """A private copy of the food features with a labelled threshold stored beside them."""
     folder = tmp_path_factory.mktemp("rec") / "feat"
     shutil.copytree(food_features.parent, folder)
     csv = folder / food_features.name
-    paths, matrix, _ = load_features(csv)
-    save_threshold(calibrate_threshold(matrix, labels_of(paths)), csv)
+    opened = Library(csv)
+    opened.save_threshold(calibrate_threshold(opened.matrix, opened.labels()))
     return csv
 
 
 def test_cosine_beats_the_kmeans_baseline(library):
     paths, matrix, _ = load_features(library)
-    table = evaluate_features(matrix, labels_of(paths)).set_index("method")
+    table = evaluate_features(matrix, labels_of(paths)).table.set_index("method")
     cosine = table.loc["cosine recommender", "precision@5"]
     kmeans = table.filter(like="K-Means", axis=0)["precision@5"]
     assert cosine >= 0.8 and (cosine >= kmeans).all(), table
@@ -39,16 +39,18 @@ def test_new_photos_get_their_own_class_first(library):
         assert result["distance"].is_monotonic_increasing
 
 
-def test_unrelated_images_get_no_similar_images_found(library, tmp_path, capsys):
+def test_unrelated_images_get_no_similar_images_found(library, tmp_path, caplog):
     import skimage.data
 
     Image.fromarray(skimage.data.astronaut()).save(tmp_path / "astronaut.png")
     noise = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
     Image.fromarray(noise).save(tmp_path / "noise.png")
     for name in ("astronaut.png", "noise.png"):
-        result = recommend(tmp_path / name, 5, library=library)
-        assert result.empty and result.attrs["message"] == NO_RESULTS
-        assert capsys.readouterr().out.strip() == NO_RESULTS
+        caplog.clear()
+        with caplog.at_level("INFO", logger="similar_finder"):
+            result = recommend(tmp_path / name, 5, library=library)
+        assert result.empty and list(result.columns) == ["path", "distance"]
+        assert caplog.messages == [f"{tmp_path / name}: {NO_RESULTS}"]
 
 
 def test_held_out_classes_mostly_get_no_results(library):
@@ -61,7 +63,7 @@ def test_held_out_classes_mostly_get_no_results(library):
 def test_a_library_image_never_recommends_itself(library, food_db):
     paths, _, _ = load_features(library)
     for path in paths[::5]:
-        result = recommend(food_db / path, 100, threshold=2.0, library=library, verbose=False)
+        result = recommend(food_db / path, 100, threshold=2.0, library=library)
         assert path not in set(result["path"]) and len(result) == len(paths) - 1  # more than exist: no error
 
 
@@ -80,7 +82,7 @@ def test_kneighbors_matches_scikit_learn(library):
 def test_centering_is_cosine_of_mean_centred_vectors(library):
     _, matrix, _ = load_features(library)
     centred = matrix - matrix.mean(0)
-    d, i = Recommender().fit(matrix).kneighbors(matrix[:5], 3, exclude=np.arange(5))
+    d, i = Recommender().fit(matrix).kneighbors(None, 3, rows=np.arange(5))
     ref_d, ref_i = NearestNeighbors(n_neighbors=4, metric="cosine").fit(centred).kneighbors(centred[:5])
     np.testing.assert_array_equal(i, ref_i[:, 1:])
     np.testing.assert_allclose(d, ref_d[:, 1:], atol=1e-4)
@@ -92,8 +94,8 @@ def test_faiss_index_gives_the_same_answers():
     centres = rng.standard_normal((40, 64)).astype(np.float32)
     data = centres[rng.integers(0, 40, 12_000)] + 0.1 * rng.standard_normal((12_000, 64)).astype(np.float32)
     for metric in ("cosine", "euclidean"):
-        brute = Recommender(metric).fit(data).kneighbors(data[:50], 10, exclude=np.arange(50))[1]
-        approx = Recommender(metric, index="faiss").fit(data).kneighbors(data[:50], 10, exclude=np.arange(50))[1]
+        brute = Recommender(metric).fit(data).kneighbors(None, 10, rows=np.arange(50))[1]
+        approx = Recommender(metric, index="faiss").fit(data).kneighbors(None, 10, rows=np.arange(50))[1]
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, brute)])
         assert recall >= 0.9, (metric, recall)
 
@@ -110,7 +112,7 @@ def test_unlabelled_threshold_is_the_tukey_fence_of_nearest_neighbour_distances(
 
 
 def test_stored_threshold_is_the_default(library):
-    stored = load_features(library)[2]["thresholds"]["cnn/cosine"]
+    stored = Library(library).thresholds["cnn/cosine"]
     assert stored["method"] == "labelled-youden"
     assert Recommender.from_library(library).threshold_ == pytest.approx(stored["value"])
 
@@ -122,7 +124,7 @@ def test_errors_are_specific(library, tmp_path):
     (tmp_path / "fake.jpg").write_text("not an image")
     with pytest.raises(ValueError, match="not an image"):
         recommend(tmp_path / "fake.jpg", library=library)
-    with pytest.raises(Exception, match="python -m similar_finder.extract"):
+    with pytest.raises(Exception, match="similar-finder extract"):
         recommend(query, library=tmp_path / "none.csv")
     with pytest.raises(ValueError, match="n_sample must be at least 1"):
         recommend(query, 0, library=library)
