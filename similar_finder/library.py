@@ -34,14 +34,19 @@ log = logging.getLogger(__name__)
 PCA_COMPONENTS = 128  # see reduce.DEFAULT_COMPONENTS
 
 
+def class_of(path: str) -> str:
+    """The class of a photo: its first folder under the images root ("" for a photo at the top)."""
+    parts = Path(path).parts
+    return parts[0] if len(parts) > 1 else ""
+
+
 def labels_from_paths(paths, *, required: bool = False) -> np.ndarray | None:
-    """The class of each image: its first folder under the images root.
+    """The class of each image (:func:`class_of`).
 
     None when the photos do not sit in two or more class folders, or an error
     saying so with ``required=True``.
     """
-    parts = [Path(p).parts for p in paths]
-    labels = np.array([p[0] if len(p) > 1 else "" for p in parts])
+    labels = np.array([class_of(p) for p in paths])
     if len(labels) == 0 or (labels == "").any() or len(set(labels)) < 2:
         if required:
             raise UsageError("this needs a folder with one subfolder per class (at least two classes)")

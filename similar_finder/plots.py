@@ -38,15 +38,20 @@ def _thumbnail(path: Path, size: int = THUMB) -> np.ndarray:
 
 
 def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_root: str | os.PathLike,
-                        *, title: str | None = None, query_label: str | None = None) -> Figure:
+                        *, title: str | None = None, query_label: str | None = None,
+                        classes: bool = False) -> Figure:
     """The query, large, then each result with its distance (and class, when known) beneath.
 
     ``results`` has ``path`` (relative to ``images_root``) and ``distance``
-    columns, and optionally ``label``. An empty ``results`` draws a clear
-    "No similar images found" panel.
+    columns, and optionally ``label``; ``classes=True`` labels each result with
+    its class folder and frames it green or red against ``query_label``. An
+    empty ``results`` draws a clear "No similar images found" panel.
     """
+    from .library import class_of
     from .recommender import NO_RESULTS
 
+    if classes and "label" not in results:
+        results = results.assign(label=[class_of(p) for p in results["path"]])
     n = max(len(results), 3)  # an empty answer still gets room for its message
     fig = Figure(figsize=(2.2 * (n + 2), 4.4))
     grid = fig.add_gridspec(2, n + 2)

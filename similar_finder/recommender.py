@@ -132,6 +132,17 @@ class Recommender(Approach):
             return float("inf")
         return calibrate_threshold(self.raw_, neighbors=self.neighbors)["value"]
 
+    def calibrate(self, labels=None, *, save: bool = True) -> dict:
+        """Calibrate the threshold on this recommender's library (see :func:`calibrate_threshold`).
+
+        The result becomes ``threshold_`` and, with ``save``, the library's stored default.
+        """
+        calibration = calibrate_threshold(self.raw_, labels, neighbors=self.neighbors)
+        self.threshold_ = calibration["value"]
+        if save and self.library_ is not None:
+            self.library_.save_threshold(calibration, self.kind)
+        return calibration
+
     def distances(self, queries: np.ndarray) -> np.ndarray:
         """Distance of each raw query vector to every library vector."""
         return self.neighbors.distances(queries)

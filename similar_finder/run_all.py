@@ -30,11 +30,11 @@ from .evaluate import Evaluation, evaluate_features
 from .features import extract_features
 from .kinds import get_kind
 from .library import Library
+from .neighbors import sample_rows
 from .plots import (distance_histogram, recommendation_grid, save_figure, silhouette_curve, tsne_embedding,
                     tsne_map, umap_embedding)
 from .recommender import Recommender
 from .report import Report
-from .thresholds import calibrate_threshold
 
 log = logging.getLogger(__name__)
 TSNE_MAX = 5_000  # t-SNE above this many images runs on an even sample of them
@@ -70,14 +70,9 @@ def _grid_name(path: str) -> str:
 
 def _draw_grids(query, results, titles, root, query_label, folder, name) -> None:
     for approach, frame in results.items():
-        fig = recommendation_grid(query, frame, root, title=titles[approach], query_label=query_label)
+        fig = recommendation_grid(query, frame, root, title=titles[approach], query_label=query_label,
+                                  classes=query_label is not None)
         save_figure(fig, folder / approach / name, dpi=72)
-
-
-def _with_labels(frame: pd.DataFrame, labels, library: Library) -> pd.DataFrame:
-    if labels is not None and len(frame):
-        frame = frame.assign(label=labels[[library.row_of[p] for p in frame["path"]]])
-    return frame
 
 
 def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample: int = 5,
@@ -120,9 +115,7 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
 
     with step("calibrate the threshold"):
         recommender = Recommender(kind=kind, threshold=np.inf).fit(library)
-        calibration = calibrate_threshold(recommender.raw_, labels, neighbors=recommender.neighbors)
-        library.save_threshold(calibration, kind)
-        recommender.threshold_ = calibration["value"]
+        calibration = recommender.calibrate(labels)
         nearest, _ = recommender.kneighbors(None, 1)
         save_figure(distance_histogram(nearest[:, 0], calibration["value"], label=f"({calibration['method']})"),
                     out / "distances.png")
@@ -132,13 +125,11 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
                       "kmeans": ClusterRecommender(kmeans).fit(library)}
         titles = {name: f"{kind.upper()} nearest neighbours, {recommender.metric} (thresholded)"
                   for name in approaches if name != "kmeans"}
-        chosen = np.arange(len(library)) if limit is None else \
-            np.linspace(0, len(library) - 1, min(limit, len(library))).astype(int)
+        chosen = sample_rows(len(library), limit, even=True)
         answers = {name: approach.kneighbors(None, n_sample, rows=chosen) for name, approach in approaches.items()}
         tasks, empty = [], 0
         for position, row in enumerate(chosen):
-            results = {name: _with_labels(approach.answer(answers[name][0][position], answers[name][1][position]),
-                                          labels, library)
+            results = {name: approach.answer(answers[name][0][position], answers[name][1][position])
                        for name, approach in approaches.items()}
             empty += results[next(iter(approaches))].empty
             cluster = approaches["kmeans"].labels_[row]
@@ -151,8 +142,7 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
             pass
 
     with step("t-SNE and UMAP maps"):
-        sample = np.arange(len(library)) if len(library) <= TSNE_MAX else \
-            np.linspace(0, len(library) - 1, TSNE_MAX).astype(int)
+        sample = sample_rows(len(library), TSNE_MAX, even=True)
         matrix = library.matrix[sample]
         colours = {"K-Means cluster": kmeans.labels_[sample]}
         if labels is not None:
