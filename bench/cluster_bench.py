@@ -29,7 +29,7 @@ def main() -> None:
     for n in map(int, args.sizes.split(",")):
         data = centres[rng.integers(0, 8, n)] + 0.5 * rng.random((n, args.dim), dtype=np.float32)
         t0 = time.perf_counter()
-        _, best = tune_k(data, range(2, 11), verbose=False)
+        _, best = tune_k(data, range(2, 11))
         print(f"{n:>9}{args.dim:>6}{time.perf_counter() - t0:>16.1f}{best:>8}", flush=True)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from similar_finder.features import FeatureFiles, _KnownResults, _write_store, load_features  # noqa: E402
+from similar_finder.features import load_features  # noqa: E402
+from similar_finder.store import AUDIT_COLUMNS, FeatureFiles, write_store  # noqa: E402
 
 
 def main() -> None:
@@ -33,17 +34,15 @@ def main() -> None:
         rng = np.random.default_rng(0)
         paths = [f"class{i % 10}/img{i:07d}.jpg" for i in range(args.n)]
         shas = [f"{i:064x}" for i in range(args.n)]
-        known = _KnownResults()
         matrix = rng.random((args.n, args.dim), dtype=np.float32)
-        for sha, vector in zip(shas, matrix):
-            known.add(sha, "ok", "", vector)
-        scan = pd.DataFrame({"path": paths, "size": 1000, "mtime_ns": 0})
-        spec = {"backbone": "resnet50", "weights": "imagenet", "input_size": 224, "pooling": "avg", "dim": args.dim}
+        audit = pd.DataFrame({"path": paths, "status": "ok", "detail": "", "size": 1000, "mtime_ns": 0,
+                              "sha256": shas})[AUDIT_COLUMNS]
+        config = {"backbone": "resnet50", "weights": "imagenet", "input_size": 224, "pooling": "avg",
+                  "dim": args.dim}
         files = FeatureFiles(work / "features.csv")
         started = time.perf_counter()
-        _write_store(files, work / "images", scan, shas, known, spec, None)
+        write_store(files, work / "images", audit, matrix, config)
         written = time.perf_counter() - started
-        del known
 
         def timed(label):
             started = time.perf_counter()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from similar_finder.recommend import Recommender  # noqa: E402
+from similar_finder.recommender import Recommender  # noqa: E402
 
 
 def _latencies(model, queries, k=5):

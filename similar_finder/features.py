@@ -158,7 +158,7 @@ def extract_features(
     )
     log.info("%d vectors in %s (%d embedded, %d reused, %d skipped, %d removed) in %.1f s",
              len(matrix), files.csv, stats.embedded, stats.reused, stats.skipped, stats.removed, stats.seconds)
-    library = Library(files.csv)
+    library = Library(files.csv, stored=previous["stored"] if unchanged else None)
     library.stats = stats
     return library
 
@@ -208,7 +208,7 @@ def _load_previous(files: FeatureFiles, root: Path) -> dict | None:
             f"Use another --out file for this folder, or --overwrite to replace it."
         )
     return {"files": files, "paths": stored.paths, "matrix": stored.matrix, "config": meta["config"],
-            "audit": stored.audit}
+            "audit": stored.audit, "stored": stored}
 
 
 def _read_partial_config(folder: Path) -> dict | None:

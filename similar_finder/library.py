@@ -28,7 +28,7 @@ from ._io import DEFAULT_FEATURES, atomic_write, read_json, write_json
 from .errors import UsageError
 from .images import ImageError, load_image
 from .kinds import get_kind
-from .store import FeatureFiles, find_in_library, read_meta, read_store, require_file
+from .store import FeatureFiles, StoredFeatures, find_in_library, read_meta, read_store, require_file
 
 log = logging.getLogger(__name__)
 PCA_COMPONENTS = 128  # see reduce.DEFAULT_COMPONENTS
@@ -57,9 +57,9 @@ def labels_from_paths(paths, *, required: bool = False) -> np.ndarray | None:
 class Library:
     """A feature library: the store's contents plus everything derived from them."""
 
-    def __init__(self, csv: str | os.PathLike = DEFAULT_FEATURES):
+    def __init__(self, csv: str | os.PathLike = DEFAULT_FEATURES, *, stored: StoredFeatures | None = None):
         self.files = FeatureFiles(Path(csv).expanduser().resolve())
-        stored = read_store(self.files.csv)
+        stored = stored or read_store(self.files.csv)  # ``stored``: what the caller has just read from it
         self.paths: list[str] = stored.paths
         self.matrix: np.ndarray = stored.matrix
         self.meta: dict = stored.meta

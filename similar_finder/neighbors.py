@@ -224,7 +224,8 @@ class Neighbors:
             rows = np.arange(self.n) if rows is None else np.asarray(rows, int).reshape(-1)
             queries, exclude = self.raw_[rows], rows
         else:
-            queries, exclude = self._check_queries(queries), np.full(len(queries), -1)
+            queries = self._check_queries(queries)
+            exclude = np.full(len(queries), -1)
         scores, indices = self.faiss_index_.search(np.ascontiguousarray(self.transform(queries)), k + 1)
         distances = 1.0 - scores if self.metric == "cosine" else np.sqrt(np.maximum(scores, 0))
         distances[(indices == exclude[:, None]) | (indices < 0)] = np.inf
