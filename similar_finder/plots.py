@@ -145,7 +145,9 @@ def tsne_map(points: np.ndarray, colours: dict[str, np.ndarray], *, paths=None,
             ax.scatter(points[mask, 0], points[mask, 1], s=14, label=str(value),
                        color=_palette(cmap, i), alpha=0.8)
         if thumbnails and paths is not None and images_root is not None:
-            chosen = np.linspace(0, len(points) - 1, min(thumbnails, len(points))).astype(int)
+            from .neighbors import sample_rows
+
+            chosen = sample_rows(len(points), thumbnails, even=True)
             for i in chosen:
                 box = OffsetImage(_thumbnail(Path(images_root) / paths[i], 40), zoom=0.6)
                 ax.add_artist(AnnotationBbox(box, points[i], frameon=False))

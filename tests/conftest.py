@@ -31,8 +31,10 @@ def make_images(folder: Path, count: int, size: int = 48, seed: int = 0, prefix:
 
 
 def labels_of(paths) -> np.ndarray:
-    """The class of a shared photo is the name of the folder it sits in (checked against the library's rule)."""
-    return np.array([Path(p).parent.name for p in paths])
+    """The class of a shared photo: its folder, by the project's one rule."""
+    from similar_finder.library import labels_from_paths
+
+    return labels_from_paths(paths, required=True)
 
 
 @pytest.fixture(scope="session")
