@@ -150,3 +150,20 @@ def test_faiss_answers_a_single_vector_query():
     data = np.random.default_rng(0).random((200, 16), dtype=np.float32)
     distances, indices = Recommender(threshold=np.inf, index="faiss").fit(data).kneighbors(data[3], 2)
     assert indices.shape == (1, 2) and indices[0, 0] == 3 and distances[0, 0] < 1e-5
+
+
+def test_recommend_command_prints_results_or_says_none(food_features, food_db, tmp_path, capsys):
+    from similar_finder.clustering import fit_baseline
+
+    library = Library(food_features)
+    query = str(food_db / library.paths[0])
+    assert cli.main(["recommend", query, "-n", "3", "--threshold", "2", "--features-file", str(food_features)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["path", "distance"] and len(lines) == 4
+    assert library.paths[0] not in "\n".join(lines)
+    assert cli.main(["recommend", query, "--threshold", "0", "--features-file", str(food_features)]) == 0
+    assert capsys.readouterr().out.strip() == similar_finder.NO_RESULTS
+    fit_baseline(library, model_path=tmp_path / "k.joblib", clusters_csv=tmp_path / "c.csv")
+    assert cli.main(["recommend", query, "--approach", "kmeans", "--model", str(tmp_path / "k.joblib"),
+                     "--features-file", str(food_features)]) == 0
+    assert capsys.readouterr().out.split()[:3] == ["path", "distance", "cluster"]
