@@ -99,8 +99,9 @@ def _evaluate(args) -> None:
     from .evaluate import evaluate
 
     others = [b for b in args.other_backbones.split(",") if b]
-    evaluation = evaluate(args.labelled_dir, features_csv=args.features_file, other_backbones=others, k=args.k,
-                          out_dir=args.out, progress=not args.quiet, **_backbone_kwargs(args))
+    evaluation = evaluate(args.labelled_dir, features_csv=args.features_file, other_backbones=others,
+                          other_domains=args.ood, k=args.k, out_dir=args.out, progress=not args.quiet,
+                          **_backbone_kwargs(args))
     print(f"\nbackbone: {evaluation.backbone}")
     print(evaluation.to_markdown())
     print(f"\nwritten: {Path(args.out) / 'evaluation.csv'} and evaluation.md")
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     _backbone_options(p)
     p.add_argument("--other-backbones", default="", help="comma-separated backbones to compare too, "
                                                          "e.g. resnet50,vgg19")
+    p.add_argument("--ood", nargs="+", default=[], metavar="DIR",
+                   help="folders of photos from other domains: how often each kind says 'No similar images found'")
     p.add_argument("-k", type=int, default=5, help="results per query scored (default: 5)")
     p.add_argument("--out", default=str(OUTPUT_DIR), help="folder for evaluation.csv / .md (default: %(default)s)")
     _quiet(p)

@@ -231,9 +231,9 @@ class ClusterRecommender(Approach):
             out_i[q, :len(members[:n_neighbors])] = members[:n_neighbors]
         return out_d, out_i
 
-    def answer(self, distances, indices, threshold=None) -> pd.DataFrame:
+    def answer(self, distances, indices, gate_score=None, *, threshold=None) -> pd.DataFrame:
         """Like the recommender's answer, plus the ``cluster`` the results belong to."""
-        result = super().answer(distances, indices, threshold)
+        result = super().answer(distances, indices, gate_score, threshold=threshold)
         rows = np.asarray(indices).ravel()
         result["cluster"] = self.labels_[rows[rows >= 0]].astype(int) if len(result) else pd.Series(dtype=int)
         return result

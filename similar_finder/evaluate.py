@@ -103,9 +103,10 @@ def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cos
                       neighbors: Neighbors | None = None) -> dict:
     """Share of held-out-class queries answered "No similar images found", and of present-class ones answered.
 
-    Each class in turn is removed from the library; the threshold is calibrated
-    on what remains and the removed images are queried against it. ``neighbors``
-    is a :class:`Neighbors` already fitted on the whole ``matrix``, to reuse.
+    Each class in turn is removed from the library; gate and threshold are
+    calibrated (with labels) on what remains and the removed images are queried
+    against them. ``neighbors`` is a :class:`Neighbors` already fitted on the
+    whole ``matrix``, to reuse.
     """
     no_result = []
     for held_out in np.unique(labels):
@@ -113,28 +114,46 @@ def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cos
         if len(np.unique(labels[inside])) < 2:
             continue
         remaining = Neighbors(metric, center=True).fit(matrix[inside])
-        threshold = calibrate_threshold(matrix[inside], labels[inside], neighbors=remaining,
-                                        max_queries=CALIBRATION_QUERIES)["value"]
-        distances, _ = remaining.kneighbors(matrix[~inside], 1)
-        no_result.extend(distances[:, 0] >= threshold)
+        calibration = calibrate_threshold(matrix[inside], labels[inside], neighbors=remaining,
+                                          max_queries=CALIBRATION_QUERIES)
+        no_result.extend(~_answered(remaining.search(matrix[~inside], 1), calibration))
     neighbors = neighbors or Neighbors(metric, center=True).fit(matrix)
-    threshold = calibrate_threshold(matrix, labels, neighbors=neighbors)["value"]
+    calibration = calibrate_threshold(matrix, labels, neighbors=neighbors)
     queries = np.arange(len(matrix)) if queries is None else np.asarray(queries)
-    distances, _ = neighbors.kneighbors(None, 1, rows=queries)
     return {"held-out: no result": float(np.mean(no_result)),
-            "in library: answered": float(np.mean(distances[:, 0] < threshold)),
-            "threshold": float(threshold)}
+            "in library: answered": float(np.mean(_answered(neighbors.search(None, 1, rows=queries), calibration))),
+            "threshold": float(calibration["value"])}
 
 
-def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k: int, queries) -> dict:
-    model = Recommender(metric, threshold=np.inf).fit(matrix)  # one library copy for every measure
+def _answered(search_result, calibration: dict) -> np.ndarray:
+    """Which queries of ``Neighbors.search(..., 1)`` get an answer under a calibration's gate and threshold."""
+    distances, _, gates = search_result
+    return (gates < calibration["gate"]) & (distances[:, 0] < calibration["value"])
+
+
+def default_rule_honesty(matrix: np.ndarray, metric: str, queries, other_domain: np.ndarray | None,
+                         neighbors: Neighbors) -> dict:
+    """With the default (unlabelled) calibration: the share of library photos answered (leave-one-out)
+    and, given photos of other domains, the share of those told "No similar images found"."""
+    calibration = calibrate_threshold(matrix, neighbors=neighbors)
+    scores = {"library: answered": float(np.mean(_answered(neighbors.search(None, 1, rows=queries), calibration)))}
+    if other_domain is not None:
+        scores["other-domain: no result"] = float(np.mean(~_answered(neighbors.search(other_domain, 1),
+                                                                     calibration)))
+    return scores
+
+
+def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k: int, queries,
+                           other_domain: np.ndarray | None = None) -> dict:
+    model = Recommender(metric, threshold=np.inf, gate=np.inf).fit(matrix)  # one library copy for every measure
     return {"method": name, **retrieval_scores(full_rankings(model, queries, len(matrix)), labels, k, queries),
             **threshold_honesty(matrix, labels, metric, queries=queries, neighbors=model.neighbors),
+            **default_rule_honesty(matrix, metric, queries, other_domain, model.neighbors),
             "dims": matrix.shape[1], "query ms": _query_ms(model, matrix, k)}
 
 
-def comparison_sets(library: Library, kinds=COMPARED_KINDS) -> dict[str, tuple[np.ndarray, str]]:
-    """The library's other feature kinds, as ``{row name: (matrix, metric)}`` for the table."""
+def comparison_sets(library: Library, kinds=COMPARED_KINDS, other_domain: list[Library] = ()) -> dict:
+    """The library's other feature kinds, as ``{row name: (matrix, metric, other-domain matrix or None)}``."""
     library.prepare(kinds)  # every per-photo kind from one decode of each photo
     sets = {}
     for kind in kinds:
@@ -143,13 +162,19 @@ def comparison_sets(library: Library, kinds=COMPARED_KINDS) -> dict[str, tuple[n
         if kind == "pca":
             pca = library.pca()
             name = f"CNN PCA-{pca.n_components_} ({pca.variance_kept_:.0%} variance), cosine"
-        sets[name] = (library.vectors(kind), spec.metric)
+        sets[name] = (library.vectors(kind), spec.metric, _other_domain_vectors(library, other_domain, kind))
     return sets
+
+
+def _other_domain_vectors(library: Library, others: list[Library], kind: str) -> np.ndarray | None:
+    if not others:
+        return None
+    return np.vstack([library.vectors_of(other, kind) for other in others])
 
 
 def evaluate_features(library, labels=None, *, k: int = 5, others: dict | None = None,
                       kinds=COMPARED_KINDS, k_range=DEFAULT_K_RANGE, kmeans: KMeansBaseline | None = None,
-                      max_queries: int = MAX_QUERIES) -> Evaluation:
+                      max_queries: int = MAX_QUERIES, other_domain: list[Library] = ()) -> Evaluation:
     """The comparison table for a :class:`Library` (or a bare matrix with ``labels``).
 
     Rows: the cosine recommender and the K-Means baseline (``kmeans`` if it is
@@ -157,28 +182,33 @@ def evaluate_features(library, labels=None, *, k: int = 5, others: dict | None =
     nearest-neighbour row for each of the library's other ``kinds`` and each of
     ``others`` (``{name: (matrix, metric)}``, e.g. another backbone). Every
     image is a query against all the others, or an even sample of
-    ``max_queries`` of them in a larger library.
+    ``max_queries`` of them in a larger library. ``other_domain``: libraries of
+    photos from elsewhere (same backbone), which the default rule should refuse.
     """
-    sets = dict(others or {})
+    sets = {name: (matrix, metric, None) for name, (matrix, metric) in (others or {}).items()}
+    cnn_other = None
     if isinstance(library, Library):
         labels = library.labels(required=True) if labels is None else labels
-        sets = {**comparison_sets(library, kinds), **sets}
+        sets = {**comparison_sets(library, kinds, other_domain), **sets}
         matrix, backbone = library.matrix, library.meta.get("backbone")
+        cnn_other = _other_domain_vectors(library, other_domain, "cnn")
     else:
         matrix, backbone = np.asarray(library, np.float32), None
     labels = np.asarray(labels)
     queries = sample_rows(len(matrix), max_queries, even=True)
     rows = [_nearest_neighbour_row(f"cosine recommender (CNN {backbone})" if backbone else "cosine recommender",
-                                   matrix, "cosine", labels, k, queries)]
+                                   matrix, "cosine", labels, k, queries, cnn_other)]
     kmeans = kmeans or KMeansBaseline(k_range=clip_k_range(k_range, len(matrix))).fit(matrix)
     for order in ("distance", "file"):
         approach = ClusterRecommender(kmeans, order=order).fit(matrix)
         rows.append({"method": f"K-Means baseline ({order} order, k={kmeans.k_})",
                      **retrieval_scores(full_rankings(approach, queries, len(matrix)), labels, k, queries),
                      # K-Means answers every query with its cluster: it never says "none".
-                     "held-out: no result": 0.0, "in library: answered": 1.0, "dims": matrix.shape[1]})
-    for name, (other, metric) in sets.items():
-        rows.append(_nearest_neighbour_row(name, other, metric, labels, k, queries))
+                     "held-out: no result": 0.0, "in library: answered": 1.0, "library: answered": 1.0,
+                     **({"other-domain: no result": 0.0} if cnn_other is not None else {}),
+                     "dims": matrix.shape[1]})
+    for name, (other, metric, other_domain_vectors) in sets.items():
+        rows.append(_nearest_neighbour_row(name, other, metric, labels, k, queries, other_domain_vectors))
     return Evaluation(pd.DataFrame(rows), queries=len(queries), images=len(matrix), backbone=backbone)
 
 
@@ -199,14 +229,30 @@ def _other_backbone_sets(labelled_dir: Path, library: Library, names, progress: 
     return sets
 
 
+def other_domain_libraries(library: Library, folders, progress: bool = True) -> list[Library]:
+    """Photos of other domains, embedded exactly as ``library`` was, each into a features file beside it."""
+    from .features import extract_features, weights_argument
+
+    cfg = library.config
+    libraries = []
+    for folder in map(Path, folders):
+        csv = library.files.csv.with_name(f"{library.files.csv.stem}.other-{folder.resolve().name}.csv")
+        libraries.append(extract_features(folder, csv, cfg["backbone"], pooling=cfg["pooling"],
+                                          input_size=cfg["input_size"], weights=weights_argument(cfg["weights"]),
+                                          progress=progress))
+    return libraries
+
+
 def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike | None = None,
-             backbone: str | None = None, other_backbones=(), k: int = 5,
+             backbone: str | None = None, other_backbones=(), other_domains=(), k: int = 5,
              out_dir: str | os.PathLike = OUTPUT_DIR, progress: bool = True, **extract_kwargs) -> Evaluation:
     """Score every approach and feature kind on a labelled folder; write CSV and Markdown.
 
     Features are extracted (incrementally) with ``backbone``; each of
     ``other_backbones`` adds a cosine row of its own (one that cannot be loaded,
-    e.g. offline, is reported and left out).
+    e.g. offline, is reported and left out). ``other_domains`` are folders of
+    photos unlike the library's (other subjects, non-photos), which the default
+    rule should answer with "No similar images found".
     """
     from .features import extract_features
 
@@ -215,7 +261,8 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
         features_csv = DATA_DIR / "eval" / f"{labelled_dir.resolve().name}.csv"
     library = extract_features(labelled_dir, features_csv, backbone, progress=progress, **extract_kwargs)
     others = _other_backbone_sets(labelled_dir, library, other_backbones, progress)
-    evaluation = evaluate_features(library, k=k, others=others)
+    evaluation = evaluate_features(library, k=k, others=others,
+                                   other_domain=other_domain_libraries(library, other_domains, progress))
     evaluation.save(Path(out_dir) / "evaluation")
     return evaluation
 

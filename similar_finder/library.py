@@ -28,7 +28,7 @@ from ._io import DEFAULT_FEATURES, atomic_write, read_json, write_json
 from .errors import UsageError
 from .images import ImageError, load_image
 from .kinds import get_kind
-from .store import FeatureFiles, StoredFeatures, find_in_library, read_meta, read_store, require_file
+from .store import FeatureFiles, FeaturesError, StoredFeatures, find_in_library, read_meta, read_store, require_file
 
 log = logging.getLogger(__name__)
 PCA_COMPONENTS = 128  # see reduce.DEFAULT_COMPONENTS
@@ -52,6 +52,15 @@ def labels_from_paths(paths, *, required: bool = False) -> np.ndarray | None:
             raise UsageError("this needs a folder with one subfolder per class (at least two classes)")
         return None
     return labels
+
+
+def pca_project(pca, vectors: np.ndarray) -> np.ndarray:
+    """Vectors projected on the PCA's components *without* subtracting its mean.
+
+    Distances after centring are the same as with ``pca.transform``; keeping the
+    mean lets the uncentred distance still tell photos of another domain apart.
+    """
+    return (np.asarray(vectors, np.float32) @ pca.components_.T).astype(np.float32)
 
 
 class Library:
@@ -117,10 +126,22 @@ class Library:
         get_kind(kind)
         if kind not in self._vectors:
             if kind == "pca":
-                self._vectors[kind] = self.pca().transform(self.matrix).astype(np.float32)
+                self._vectors[kind] = pca_project(self.pca(), self.matrix)
             else:
                 self._vectors.update(self._per_photo([kind]))
         return self._vectors[kind]
+
+    def vectors_of(self, other: "Library", kind: str = "cnn") -> np.ndarray:
+        """Another library's photos as this library's ``kind`` vectors (PCA: this library's projection).
+
+        ``other`` must be embedded with the same backbone and settings.
+        """
+        if other.config and self.config and other.config != self.config:
+            raise FeaturesError(f"{other.files.csv} was embedded with {other.config}, this library with "
+                                f"{self.config}; embed both the same way to compare them")
+        if kind == "pca":
+            return pca_project(self.pca(), other.matrix)
+        return other.vectors(kind)
 
     def prepare(self, kinds) -> None:
         """Compute several per-photo kinds at once, decoding each photo once."""
@@ -175,7 +196,7 @@ class Library:
 
         if kind == "pca":
             pca = self.pca()
-            return lambda file: pca.transform(embed_file(file, self.meta)[None])[0].astype(np.float32)
+            return lambda file: pca_project(pca, embed_file(file, self.meta)[None])[0]
         return lambda file: embed_file(file, self.meta)
 
     def find(self, file: str | os.PathLike) -> int | None:

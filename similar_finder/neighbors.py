@@ -9,7 +9,10 @@ vectors for cosine, optionally mean-centred) and answers, scikit-learn style:
 * ``blocks(...)`` the raw distance blocks behind both, for reductions that need
   more than the k nearest (calibration, full rankings for evaluation);
 * ``pairs_within(radius)`` every pair of library rows closer than ``radius``
-  (near-duplicates).
+  (near-duplicates);
+* ``search(...)`` ``kneighbors`` plus each query's *gate score*, its mean
+  uncentred distance to its nearest photos: how far it is from the library as
+  a whole, the score that decides whether anything is similar at all.
 
 Everything above it (the recommender, threshold calibration, evaluation,
 duplicates) uses this class rather than writing its own loop.
@@ -22,6 +25,8 @@ from .errors import UsageError, check_choice
 
 METRICS = ("cosine", "euclidean", "manhattan", "chi2", "hamming")
 BLOCK_ELEMENTS = 2 ** 25  # a query x library block of at most ~128 MB of float32
+GATE_NEIGHBOURS = 3  # the domain gate looks at a query's 3 nearest photos, not just one (robust to a lone copy)
+GATE_CANDIDATES = 32  # with centring, uncentred distances are measured on the 32 best-ranked candidates
 FAISS_EXACT_BELOW = 10_000  # below this, an exact flat index is as fast as an inverted one
 
 
@@ -109,6 +114,8 @@ class Neighbors:
             raise UsageError("features must be a non-empty 2-D array (images x dimensions)")
         self.raw_ = features  # the caller's array (no copy): queries by row read it
         self.mean_ = features.mean(0) if self.center and self.metric == "cosine" else None
+        # Uncentred cosine for the gate needs each row's length; only kept when centring.
+        self.norms_ = None if self.mean_ is None else np.sqrt(np.einsum("ij,ij->i", features, features))
         if self.index == "faiss":
             # FAISS holds its own copy of the library; a second one in NumPy would double the memory.
             self.library_, self.faiss_index_ = None, self._build_faiss(features)
@@ -183,6 +190,43 @@ class Neighbors:
         for positions, block in self.blocks(queries, rows=rows):
             out_d[positions], out_i[positions] = _sorted_head(block, k)
         return out_d, out_i
+
+    def search(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
+        """``(distances, indices, gate_scores)``: :meth:`kneighbors` plus each query's gate score.
+
+        The gate score is the mean distance to the query's ``GATE_NEIGHBOURS``
+        nearest library photos, measured *without* centring. Centring spreads
+        out similarities inside one domain, which is good for ranking, but it
+        also makes a photo from another domain look no farther than a photo of
+        another class; the uncentred distance keeps that difference.
+        """
+        centred = self.mean_ is not None
+        wanted = max(int(n_neighbors), GATE_CANDIDATES if centred else GATE_NEIGHBOURS)
+        distances, indices = self.kneighbors(queries, wanted, rows=rows)
+        if centred:
+            if queries is None:
+                rows = np.arange(self.n) if rows is None else np.asarray(rows, int).reshape(-1)
+                raw = self.raw_[rows]
+            else:
+                raw = self._check_queries(queries)
+            plain = np.sort(self._uncentred(raw, indices), axis=1)
+        else:
+            plain = distances
+        gate = plain[:, :GATE_NEIGHBOURS].mean(1) if plain.shape[1] else np.full(len(plain), np.inf)
+        return distances[:, :n_neighbors], indices[:, :n_neighbors], gate
+
+    def _uncentred(self, queries: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Plain cosine distance from each query to the library rows ``indices`` (inf where -1)."""
+        unit = l2_normalize(queries)
+        out = np.full(indices.shape, np.inf, np.float32)
+        step = max(1, BLOCK_ELEMENTS // max(1, indices.shape[1] * self.raw_.shape[1]))
+        for start in range(0, len(indices), step):
+            chunk = indices[start:start + step]
+            valid = chunk >= 0
+            safe = np.where(valid, chunk, 0)
+            dots = np.einsum("bd,bmd->bm", unit[start:start + step], self.raw_[safe])
+            out[start:start + step] = np.where(valid, 1.0 - dots / np.maximum(self.norms_[safe], 1e-12), np.inf)
+        return out
 
     def pairs_within(self, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every pair ``i < j`` of library rows at distance ``<= radius``: (i, j, distance)."""

@@ -196,3 +196,24 @@ def distance_histogram(distances: np.ndarray, threshold: float, *, label: str = 
     ax.set_title("Nearest-neighbour distances in the library")
     ax.legend()
     return fig
+
+
+def threshold_tradeoff(curve: dict, chosen: float, *, youden: float | None = None) -> Figure:
+    """What each threshold trades: library photos answered against wrong-class neighbours kept out.
+
+    ``curve`` is the ``"curve"`` of a labelled calibration (:func:`thresholds.tradeoff_curve`).
+    """
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.add_subplot()
+    for name, style in (("library answered", "-"), ("same class found", "--"), ("other classes kept out", ":")):
+        ax.plot(curve["threshold"], curve[name], style, label=name, linewidth=2)
+    ax.axvline(chosen, color="firebrick", label=f"chosen {chosen:.3f}")
+    if youden is not None and youden != chosen:
+        ax.axvline(youden, color="grey", linestyle="--", label=f"best separation {youden:.3f}")
+    ax.set_xlabel("distance threshold")
+    ax.set_ylabel("share of library photos")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("What the threshold trades")
+    ax.legend(fontsize=8, loc="center right")
+    ax.grid(alpha=0.3)
+    return fig

@@ -13,8 +13,14 @@ grids, evaluation and the app treat both approaches alike:
 * ``fit(library)`` – a :class:`~similar_finder.library.Library` (or a matrix);
 * ``kneighbors(queries=None, n, rows=None)`` – ``(distances, indices)``,
   ``queries=None`` meaning the library's own rows, each without itself;
-* ``answer(distances, indices)`` – one query's neighbours under the threshold, as a DataFrame;
+* ``search(...)`` – the same plus each query's gate score (None where there is no gate);
+* ``answer(distances, indices, gate_score)`` – one query's neighbours under
+  the threshold, or none if the gate refuses it, as a DataFrame;
 * ``recommend(file, n_sample)`` – all of it for an image file.
+
+Whether anything is similar at all is decided by the *gate* (the uncentred
+distance to the library's nearest photos, see :mod:`.thresholds`); which
+neighbours count, by the *threshold* on the ranking distance.
 
 Besides CNN features (``kind="cnn"``, cosine), the same recommender works on
 any kind of :mod:`.kinds`: PCA-reduced CNN features, colour histograms
@@ -44,6 +50,7 @@ class Approach:
 
     approach = "approach"
     threshold_: float = np.inf
+    gate_: float = np.inf
 
     def _fit_library(self, features, paths, kind):
         """The matrix to search and, when known, the library it came from."""
@@ -58,11 +65,21 @@ class Approach:
         self.paths_ = list(paths) if paths is not None else [str(i) for i in range(len(features))]
         return features
 
-    def answer(self, distances: np.ndarray, indices: np.ndarray, threshold: float | None = None) -> pd.DataFrame:
-        """One query's results under the threshold, closest first: ``path``, ``distance``."""
+    def search(self, queries=None, n_neighbors: int = 5, *, rows=None):
+        """``(distances, indices, gate_scores)``; ``gate_scores`` is None for an approach without a gate."""
+        return (*self.kneighbors(queries, n_neighbors, rows=rows), None)
+
+    def answer(self, distances: np.ndarray, indices: np.ndarray, gate_score: float | None = None, *,
+               threshold: float | None = None) -> pd.DataFrame:
+        """One query's results under the threshold, closest first: ``path``, ``distance``.
+
+        Empty when the query's ``gate_score`` is not under the gate. An explicit
+        ``threshold`` replaces both: only that distance limit applies.
+        """
         limit = self.threshold_ if threshold is None else float(threshold)
         distances, indices = np.asarray(distances).ravel(), np.asarray(indices).ravel()
-        keep = (distances < limit) & (indices >= 0)
+        refused = threshold is None and gate_score is not None and not gate_score < self.gate_
+        keep = (distances < limit) & (indices >= 0) & (not refused)
         return pd.DataFrame({"path": [self.paths_[i] for i in indices[keep]],
                              "distance": distances[keep].astype(float)})
 
@@ -73,10 +90,10 @@ class Approach:
             raise UsageError("this recommender was fitted on a bare matrix; fit it on a Library to query files")
         vector, own_row = self.library_.query(file, self.kind)
         if own_row is None:
-            distances, indices = self.kneighbors(vector, n_sample)
+            distances, indices, gates = self.search(vector, n_sample)
         else:
-            distances, indices = self.kneighbors(None, n_sample, rows=[own_row])
-        result = self.answer(distances[0], indices[0], threshold)
+            distances, indices, gates = self.search(None, n_sample, rows=[own_row])
+        result = self.answer(distances[0], indices[0], None if gates is None else gates[0], threshold=threshold)
         if result.empty:
             log.info("%s: %s", file, NO_RESULTS)
         return result
@@ -91,20 +108,21 @@ class Recommender(Approach):
     spreads them (on the shared photos: precision@5 0.87 → 0.91 on food, mAP
     0.46 → 0.49 on clothing). Distances stay ``1 - cos`` of the centred vectors.
 
-    ``threshold=None`` uses the threshold calibrated for the library
-    (:meth:`Library.save_threshold`), else the unlabelled rule of
-    :func:`~similar_finder.thresholds.calibrate_threshold`.
+    ``threshold=None`` and ``gate=None`` use the values calibrated for the
+    library (:meth:`calibrate`, stored with :meth:`Library.save_threshold`),
+    else the unlabelled rule of :func:`~similar_finder.thresholds.calibrate_threshold`;
+    ``gate=np.inf`` turns the gate off.
     ``index="faiss"`` uses a FAISS index (``pip install faiss-cpu``) for very
     large libraries: exact below 10k images, an inverted-file index above.
     """
 
     approach = "cosine"
 
-    def __init__(self, metric: str | None = None, threshold: float | None = None, *, kind: str = "cnn",
-                 center: bool = True, index: str = "brute", nprobe: int = 16):
+    def __init__(self, metric: str | None = None, threshold: float | None = None, *, gate: float | None = None,
+                 kind: str = "cnn", center: bool = True, index: str = "brute", nprobe: int = 16):
         self.kind = get_kind(kind).name
         self.metric = check_choice("metric", metric or get_kind(kind).metric, METRICS)
-        self.threshold, self.center, self.index, self.nprobe = threshold, center, index, nprobe
+        self.threshold, self.gate, self.center, self.index, self.nprobe = threshold, gate, center, index, nprobe
         self.neighbors = Neighbors(self.metric, center=center, index=index, nprobe=nprobe)
 
     @classmethod
@@ -118,19 +136,20 @@ class Recommender(Approach):
         matrix = self._fit_library(features, paths, self.kind)
         self.neighbors.fit(matrix)
         self.raw_ = matrix
-        self.threshold_ = self._resolve_threshold()
+        self.threshold_, self.gate_ = self._resolve_threshold()
         return self
 
-    def _resolve_threshold(self) -> float:
-        if self.threshold is not None:
-            return float(self.threshold)
+    def _resolve_threshold(self) -> tuple[float, float]:
+        if self.threshold is not None and self.gate is not None:
+            return float(self.threshold), float(self.gate)
+        calibration = None
         if self.library_ is not None:
-            stored = self.library_.threshold_for(self.kind, self.metric, self.center)
-            if stored is not None:
-                return float(stored["value"])
-        if len(self.raw_) < 3:
-            return float("inf")
-        return calibrate_threshold(self.raw_, neighbors=self.neighbors)["value"]
+            calibration = self.library_.threshold_for(self.kind, self.metric, self.center)
+        if (calibration is None or "gate" not in calibration) and len(self.raw_) >= 3:
+            calibration = {**calibrate_threshold(self.raw_, neighbors=self.neighbors), **(calibration or {})}
+        calibration = calibration or {"value": np.inf, "gate": np.inf}
+        return (float(calibration["value"] if self.threshold is None else self.threshold),
+                float(calibration["gate"] if self.gate is None else self.gate))
 
     def calibrate(self, labels=None, *, save: bool = True) -> dict:
         """Calibrate the threshold on this recommender's library (see :func:`calibrate_threshold`).
@@ -138,7 +157,7 @@ class Recommender(Approach):
         The result becomes ``threshold_`` and, with ``save``, the library's stored default.
         """
         calibration = calibrate_threshold(self.raw_, labels, neighbors=self.neighbors)
-        self.threshold_ = calibration["value"]
+        self.threshold_, self.gate_ = calibration["value"], calibration["gate"]
         if save and self.library_ is not None:
             self.library_.save_threshold(calibration, self.kind)
         return calibration
@@ -153,6 +172,10 @@ class Recommender(Approach):
         No threshold is applied here (see :meth:`answer`).
         """
         return self.neighbors.kneighbors(queries, n_neighbors, rows=rows)
+
+    def search(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
+        """``(distances, indices, gate_scores)``: :meth:`kneighbors` and how far each query is from the library."""
+        return self.neighbors.search(queries, n_neighbors, rows=rows)
 
 
 def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: str | None = None, *,

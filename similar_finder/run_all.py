@@ -31,8 +31,8 @@ from .features import extract_features
 from .kinds import get_kind
 from .library import Library
 from .neighbors import sample_rows
-from .plots import (distance_histogram, recommendation_grid, save_figure, silhouette_curve, tsne_embedding,
-                    tsne_map, umap_embedding)
+from .plots import (distance_histogram, recommendation_grid, save_figure, silhouette_curve, threshold_tradeoff,
+                    tsne_embedding, tsne_map, umap_embedding)
 from .recommender import Recommender
 from .report import Report
 
@@ -114,11 +114,14 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
         save_figure(silhouette_curve(kmeans.tuning_, kmeans.k_), out / "silhouette.png")
 
     with step("calibrate the threshold"):
-        recommender = Recommender(kind=kind, threshold=np.inf).fit(library)
+        recommender = Recommender(kind=kind, threshold=np.inf, gate=np.inf).fit(library)
         calibration = recommender.calibrate(labels)
         nearest, _ = recommender.kneighbors(None, 1)
         save_figure(distance_histogram(nearest[:, 0], calibration["value"], label=f"({calibration['method']})"),
                     out / "distances.png")
+        if "curve" in calibration:
+            save_figure(threshold_tradeoff(calibration["curve"], calibration["value"], youden=calibration["youden"]),
+                        out / "threshold.png")
 
     with step("recommendation grids"):
         approaches = {"cosine" if kind == "cnn" else kind: recommender,
@@ -126,11 +129,14 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
         titles = {name: f"{kind.upper()} nearest neighbours, {recommender.metric} (thresholded)"
                   for name in approaches if name != "kmeans"}
         chosen = sample_rows(len(library), limit, even=True)
-        answers = {name: approach.kneighbors(None, n_sample, rows=chosen) for name, approach in approaches.items()}
+        answers = {name: approach.search(None, n_sample, rows=chosen) for name, approach in approaches.items()}
         tasks, empty = [], 0
         for position, row in enumerate(chosen):
-            results = {name: approach.answer(answers[name][0][position], answers[name][1][position])
-                       for name, approach in approaches.items()}
+            results = {}
+            for name, approach in approaches.items():
+                distances, indices, gates = answers[name]
+                results[name] = approach.answer(distances[position], indices[position],
+                                                None if gates is None else gates[position])
             empty += results[next(iter(approaches))].empty
             cluster = approaches["kmeans"].labels_[row]
             tasks.append((library.root / library.paths[row], results,
@@ -177,16 +183,17 @@ def build_report(s: RunSummary) -> Report:
         f"{library.meta['dim']}-d features)",
         f"K-Means baseline: chosen k = {s.kmeans.k_} by silhouette score",
         f"nearest-neighbour recommender: {s.kind} features, {t['metric']} distance, threshold "
-        f"{t['value']:.3f} ({t['method']}); {s.no_result_queries} of {s.grids} queries got "
-        f"\"No similar images found\"",
+        f"{t['value']:.3f} ({t['method']}), gate {t['gate']:.3f}; {s.no_result_queries} of {s.grids} queries "
+        f"got \"No similar images found\"",
         f"recommendation grids: {s.grids} per approach in rec/{s.approach}/ and rec/kmeans/",
         f"t-SNE: {s.tsne_images} images" + (f" (an even sample of {len(library)})"
                                             if s.tsne_images < len(library) else ""),
     ])
     report.heading("Timings (seconds)").table(pd.Series(s.timings, name="seconds").to_frame(), index=True)
     report.heading("Silhouette score by k").table(s.kmeans.tuning_, floatfmt=(".0f", ".4f", ".2f"))
-    for name in ("silhouette", "tsne", "umap", "distances"):
-        report.image(f"{name}.png", name)
+    for name in ("silhouette", "tsne", "umap", "distances", "threshold"):
+        if (s.out / f"{name}.png").is_file() and (name != "threshold" or "curve" in t):
+            report.image(f"{name}.png", name)
     if s.evaluation is not None:
         sample = f", on an even sample of {s.evaluation.queries} query images" \
             if s.evaluation.queries < len(library) else ""

@@ -1,8 +1,18 @@
-"""Calibrating the distance under which a neighbour counts as similar.
+"""Calibrating when to answer: is anything similar at all, and which neighbours count as similar.
+
+Two numbers decide, both calibrated on the library itself:
+
+* the **gate** – a query is answered only if its mean *uncentred* distance to
+  its 3 nearest photos (its gate score, see :meth:`Neighbors.search`) is under
+  Tukey's fence of the library's own gate scores: a photo farther from the
+  library than its photos are from each other is "No similar images found";
+* the **threshold** – among the neighbours of an answered query, only those
+  closer than it (in the ranking distance) are returned.
 
 The statistics are pure functions of distances (:func:`tukey_fence`,
-:func:`youden_threshold`); :func:`calibrate_threshold` gathers those distances
-from a :class:`~similar_finder.neighbors.Neighbors` and applies them.
+:func:`youden_threshold`, :func:`answered_floor`, :func:`tradeoff_curve`);
+:func:`calibrate_threshold` gathers those distances from a
+:class:`~similar_finder.neighbors.Neighbors` and applies them.
 """
 from __future__ import annotations
 
@@ -12,6 +22,9 @@ from .errors import UsageError
 from .neighbors import Neighbors, sample_rows
 
 CALIBRATION_QUERIES = 5_000  # above this many images, calibrate on a random sample of queries
+# A labelled threshold leaves at most 1 library photo in 10 unanswered: calibrated for 92%, a margin
+# for the sampling of large libraries (scores are measured on other samples than the calibration's).
+MIN_ANSWERED = 0.92
 
 
 def tukey_fence(nearest: np.ndarray) -> float:
@@ -39,6 +52,33 @@ def youden_threshold(positives: np.ndarray, negatives: np.ndarray) -> dict:
     return {"value": float(value), "tpr": float(tpr[best]), "fpr": float(fpr[best])}
 
 
+def answered_floor(nearest: np.ndarray, gate_ok: np.ndarray, share: float = MIN_ANSWERED) -> float:
+    """The smallest threshold under which ``share`` of the photos get an answer (their nearest neighbour
+    under it, and the gate passed); infinity if the gate alone refuses more than that."""
+    answerable = np.sort(np.asarray(nearest)[np.asarray(gate_ok)])
+    needed = int(np.ceil(share * len(nearest)))
+    if needed == 0:
+        return float("-inf")
+    if needed > len(answerable):
+        return float("inf")
+    return float(np.nextafter(answerable[needed - 1], np.float32(np.inf)))  # "under": strictly below
+
+
+def tradeoff_curve(nearest, gate_ok, positives, negatives, points: int = 50) -> dict:
+    """For thresholds across the observed distances: the share of library photos answered, of photos
+    whose nearest same-class photo is under the threshold, and of photos whose nearest photo of
+    another class is kept out. Lists of floats, ready for JSON and :func:`plots.threshold_tradeoff`."""
+    finite = np.concatenate([np.asarray(a)[np.isfinite(a)] for a in (nearest, positives, negatives)])
+    grid = np.linspace(finite.min(), finite.max(), points) if len(finite) else np.zeros(0)
+    nearest, gate_ok = np.asarray(nearest), np.asarray(gate_ok)
+    return {
+        "threshold": grid.tolist(),
+        "library answered": [float(np.mean(gate_ok & (nearest < t))) for t in grid],
+        "same class found": [float(np.mean(np.asarray(positives) < t)) for t in grid],
+        "other classes kept out": [float(np.mean(np.asarray(negatives) >= t)) for t in grid],
+    }
+
+
 def class_margins(neighbors: Neighbors, labels: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each query row: distance to its nearest same-class image and to its nearest other-class one."""
     same_d, other_d = [], []
@@ -50,38 +90,47 @@ def class_margins(neighbors: Neighbors, labels: np.ndarray, rows: np.ndarray) ->
 
 
 def calibrate_threshold(features: np.ndarray, labels=None, metric: str = "cosine", *, center: bool = True,
-                        max_queries: int = CALIBRATION_QUERIES, neighbors: Neighbors | None = None) -> dict:
-    """Choose the distance under which a neighbour counts as similar.
+                        max_queries: int = CALIBRATION_QUERIES, neighbors: Neighbors | None = None,
+                        min_answered: float = MIN_ANSWERED) -> dict:
+    """Calibrate the gate and the threshold of a library (see the module's docstring).
+
+    The gate is always Tukey's fence of the library's gate scores: it needs no labels.
+
+    The threshold, without ``labels``: Tukey's fence of the nearest-neighbour
+    distances. Nearly every library photo then has a neighbour within it.
 
     With ``labels`` (one class per image) the question is the one a user asks:
-    is the nearest image of the same class (answer it) or is there none in the
-    library (say "No similar images found")? For every image, the distance to
-    its nearest same-class image is a positive and the distance to its nearest
-    other-class image a negative; :func:`youden_threshold` separates them.
-
-    Without labels: :func:`tukey_fence` of the nearest-neighbour distances.
-    Nearly every library image then has a neighbour within it, while a photo
-    farther from the library than its images usually are from each other gets
-    no answer.
+    is the nearest image of the same class (answer it) or of another class (it
+    should not be offered)? The distance to each photo's nearest same-class
+    photo is a positive, to its nearest other-class photo a negative, and
+    :func:`youden_threshold` separates them, raised where needed so that at
+    least ``min_answered`` of the library photos still get an answer
+    (:func:`answered_floor`); ``curve`` shows the trade-off.
 
     Distances are those of ``Neighbors(metric, center=center)`` (pass
     ``neighbors``, fitted on ``features``, to reuse one). Returns ``{"value",
-    "method", "metric", ...}``, ready for :meth:`Library.save_threshold`.
+    "gate", "method", "metric", ...}``, ready for :meth:`Library.save_threshold`.
     """
     features = np.asarray(features, np.float32)
     if len(features) < 3:
         raise UsageError("at least 3 images are needed to calibrate a threshold")
     neighbors = neighbors or Neighbors(metric, center=center).fit(features)
     rows = sample_rows(len(features), max_queries)
-    described = {"metric": neighbors.metric, "center": neighbors.center, "images": len(features)}
+    nearest, _, gate_scores = neighbors.search(None, 1, rows=rows)
+    nearest = nearest[:, 0]
+    gate = tukey_fence(gate_scores)
+    described = {"gate": gate, "metric": neighbors.metric, "center": neighbors.center, "images": len(features)}
     if labels is None:
-        nearest, _ = neighbors.kneighbors(None, 1, rows=rows)
-        return {"value": tukey_fence(nearest[:, 0]), "method": "nn-tukey-fence", **described}
+        return {"value": tukey_fence(nearest), "method": "nn-tukey-fence", **described}
     labels = np.asarray(labels)
     if len(labels) != len(features):
         raise UsageError(f"{len(labels)} labels for {len(features)} images")
     positives, negatives = class_margins(neighbors, labels, rows)
-    positives, negatives = positives[np.isfinite(positives)], negatives[np.isfinite(negatives)]
-    if not len(positives) or not len(negatives):
+    if not np.isfinite(positives).any() or not np.isfinite(negatives).any():
         raise UsageError("calibration needs classes with at least two images and at least two classes")
-    return {**youden_threshold(positives, negatives), "method": "labelled-youden", **described}
+    best = youden_threshold(positives[np.isfinite(positives)], negatives[np.isfinite(negatives)])
+    gate_ok = gate_scores < gate
+    floor = answered_floor(nearest, gate_ok, min_answered)
+    return {**best, "value": max(best["value"], floor), "youden": best["value"], "floor": floor,
+            "method": "labelled-youden", "raised": bool(floor > best["value"]),
+            "curve": tradeoff_curve(nearest, gate_ok, positives, negatives), **described}
