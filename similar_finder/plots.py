@@ -207,8 +207,9 @@ def threshold_tradeoff(curve: dict, chosen: float, *, youden: float | None = Non
     ax = fig.add_subplot()
     for name, style in (("library answered", "-"), ("same class found", "--"), ("other classes kept out", ":")):
         ax.plot(curve["threshold"], curve[name], style, label=name, linewidth=2)
-    ax.axvline(chosen, color="firebrick", label=f"chosen {chosen:.3f}")
-    if youden is not None and youden != chosen:
+    if np.isfinite(chosen):
+        ax.axvline(chosen, color="firebrick", label=f"chosen {chosen:.3f}")
+    if youden is not None and youden != chosen and np.isfinite(youden):
         ax.axvline(youden, color="grey", linestyle="--", label=f"best separation {youden:.3f}")
     ax.set_xlabel("distance threshold")
     ax.set_ylabel("share of library photos")

@@ -54,13 +54,12 @@ def youden_threshold(positives: np.ndarray, negatives: np.ndarray) -> dict:
 
 def answered_floor(nearest: np.ndarray, gate_ok: np.ndarray, share: float = MIN_ANSWERED) -> float:
     """The smallest threshold under which ``share`` of the photos get an answer (their nearest neighbour
-    under it, and the gate passed); infinity if the gate alone refuses more than that."""
+    under it, and the gate passed); if the gate alone refuses more than that, the one that answers
+    every photo the gate lets through."""
     answerable = np.sort(np.asarray(nearest)[np.asarray(gate_ok)])
-    needed = int(np.ceil(share * len(nearest)))
+    needed = min(int(np.ceil(share * len(nearest))), len(answerable))
     if needed == 0:
         return float("-inf")
-    if needed > len(answerable):
-        return float("inf")
     return float(np.nextafter(answerable[needed - 1], np.float32(np.inf)))  # "under": strictly below
 
 

@@ -30,12 +30,13 @@ def test_food_run_draws_every_grid_the_plots_and_the_report(food_run, food_db):
         assert len(grids) == len(images) == 36
         for grid in grids[::9]:
             _assert_real_picture(grid)
-    for plot in ("tsne.png", "umap.png", "silhouette.png", "distances.png"):
+    for plot in ("tsne.png", "umap.png", "silhouette.png", "distances.png", "threshold.png"):
         _assert_real_picture(out / plot, 250)
     report = (out / "report.md").read_text()
     assert f"k = {summary.kmeans.k_}" in report and 4 <= summary.kmeans.k_ <= 8
     assert "| cosine recommender" in report and "K-Means baseline (distance order" in report
     html = (out / "report.html").read_text()
+    assert "![threshold](threshold.png)" in report and "gate" in report
     assert html.count("data:image/png;base64,") >= 3 and "<table" in html and "<td>" in html
     assert pd.read_csv(out / "evaluation.csv")["method"].iloc[0].startswith("cosine recommender")
 
