@@ -1,0 +1,375 @@
+"""Adapting the embedding to the user's own labelled photos: a metric-learning head on frozen features.
+
+Pretrained features know ImageNet's categories, not the user's. Given photos
+sorted into one folder per class, ``adapt(labelled_dir)`` embeds them with the
+backbone (incrementally, reusing a features file), trains a small Keras head on
+the frozen vectors with a metric-learning loss on class-balanced batches, stops
+early on a validation split, and saves the head (``models/adapter.keras`` plus a
+``.json`` beside it). ``extract --adapter`` then writes adapted vectors, and a
+new photo is embedded the same way, so every part of the project uses them.
+
+The head: Dense(512, ReLU) → Dense(``dim``) → unit length. Losses:
+
+* ``"arcface"`` (default) – a cosine classifier with an additive angular margin
+  (Deng et al., 2019): each class gets a direction; a photo must be closer to
+  its class's direction than to any other by a margin. Stable on small data.
+* ``"supcon"`` – supervised contrastive (Khosla et al., 2020): in each batch,
+  photos of one class are pulled together and the rest pushed apart.
+
+Command line: ``similar-finder adapt LABELLED_DIR --out models/adapter.keras``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._io import DATA_DIR, MODELS_DIR, read_json, write_json
+from .errors import MissingError, SimilarFinderError, UsageError, check_choice
+
+log = logging.getLogger(__name__)
+DEFAULT_ADAPTER = MODELS_DIR / "adapter.keras"
+LOSSES = ("arcface", "supcon")
+VALIDATION_SHARE = 0.2  # of the labelled photos, held out to stop training and to report scores
+SCORE_K = 5
+
+
+class AdapterError(SimilarFinderError):
+    """An adapter file is missing, unreadable or does not fit the features."""
+
+
+@dataclass
+class AdaptResult:
+    """What ``adapt`` made and how much it helped on photos it did not train on."""
+
+    path: Path | None
+    before: dict  # retrieval scores of the plain features on the validation photos
+    after: dict  # the same with the adapter
+    epochs: int
+    info: dict = field(default_factory=dict)
+
+
+# --- splits and scores -------------------------------------------------------------------
+
+def stratified_split(labels: np.ndarray, share: float, *, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(train, test)``: ``share`` of each class (at least one photo) in test, the rest in train."""
+    rng = np.random.default_rng(random_state)
+    train, test = [], []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        cut = min(len(rows) - 1, max(1, int(round(share * len(rows))))) if len(rows) > 1 else 0
+        test.extend(rows[:cut])
+        train.extend(rows[cut:])
+    return np.sort(np.array(train, int)), np.sort(np.array(test, int))
+
+
+def class_split(labels: np.ndarray, share: float = 0.5, *, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(train, test)`` by class: ``share`` of the classes are only in test (never seen in training)."""
+    classes = np.random.default_rng(random_state).permutation(np.unique(labels))
+    unseen = set(classes[:max(1, int(round(share * len(classes))))])
+    test = np.array([label in unseen for label in labels])
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def retrieval_among(vectors: np.ndarray, labels: np.ndarray, *, center: bool = True, k: int = SCORE_K) -> dict:
+    """Leave-one-out precision@k, recall@k and mAP of cosine retrieval among ``vectors`` alone."""
+    from .evaluate import full_rankings, retrieval_scores
+    from .recommender import Recommender
+
+    model = Recommender(threshold=np.inf, gate=np.inf, center=center).fit(vectors)
+    rows = np.arange(len(vectors))
+    return retrieval_scores(full_rankings(model, rows, len(vectors)), np.asarray(labels), k, rows)
+
+
+# --- the head ----------------------------------------------------------------------------
+
+def _balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class: int, rng: np.random.Generator):
+    """One epoch of batch row indices: ``classes_per_batch`` classes x ``per_class`` photos each."""
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    steps = max(1, len(labels) // (classes_per_batch * per_class))
+    for _ in range(steps):
+        chosen = rng.choice(list(by_class), min(classes_per_batch, len(by_class)), replace=False)
+        yield np.concatenate([rng.choice(by_class[c], per_class, replace=len(by_class[c]) < per_class)
+                              for c in chosen])
+
+
+def _head(input_dim: int, dim: int, hidden: int, dropout: float):
+    import keras
+
+    inputs = keras.Input((input_dim,), name="features")
+    x = keras.layers.Dropout(dropout)(inputs)
+    x = keras.layers.Dense(hidden, activation="relu", name="hidden")(x)
+    x = keras.layers.Dense(dim, name="projection")(x)
+    outputs = keras.layers.UnitNormalization(name="unit")(x)
+    return keras.Model(inputs, outputs, name="similar_finder_adapter")
+
+
+def _arcface_logits(embeddings, labels_onehot, centres, scale: float, margin: float):
+    from keras import ops
+
+    cosine = ops.matmul(embeddings, ops.transpose(ops.normalize(centres, axis=1)))
+    cosine = ops.clip(cosine, -1.0 + 1e-6, 1.0 - 1e-6)
+    with_margin = ops.cos(ops.arccos(cosine) + margin)
+    return scale * (labels_onehot * with_margin + (1.0 - labels_onehot) * cosine)
+
+
+def _supcon_loss(embeddings, labels, temperature: float):
+    from keras import ops
+
+    similarity = ops.matmul(embeddings, ops.transpose(embeddings)) / temperature
+    n = ops.shape(similarity)[0]
+    not_self = 1.0 - ops.eye(n)
+    positives = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32") * not_self
+    similarity = similarity - 1e9 * (1.0 - not_self)  # a photo is not its own candidate
+    log_prob = similarity - ops.logsumexp(similarity, axis=1, keepdims=True)
+    per_anchor = ops.sum(positives * log_prob, axis=1) / ops.maximum(ops.sum(positives, axis=1), 1.0)
+    return -ops.mean(per_anchor)
+
+
+def train_head(features: np.ndarray, labels: np.ndarray, *, validation: tuple[np.ndarray, np.ndarray] | None = None,
+               loss: str = "arcface", dim: int = 128, hidden: int = 512, epochs: int = 60, patience: int = 8,
+               learning_rate: float = 1e-3, dropout: float = 0.2, per_class: int = 8, classes_per_batch: int = 16,
+               random_state: int = 0):
+    """Train the head on ``features`` (N x D) with ``labels``; returns ``(head, epochs run)``.
+
+    ``validation`` (features, labels) of other photos decides when to stop: the
+    weights of the epoch with the best validation precision@5 are kept.
+    """
+    import keras
+    from keras import ops
+
+    check_choice("loss", loss, LOSSES)
+    features = np.asarray(features, np.float32)
+    classes, encoded = np.unique(np.asarray(labels), return_inverse=True)
+    if len(classes) < 2:
+        raise UsageError("adapting needs at least two classes (one subfolder per class)")
+    keras.utils.set_random_seed(random_state)
+    # Inputs are standardised with the training photos' statistics, stored in the head itself.
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    head = _head(features.shape[1], dim, hidden, dropout)
+    trainable = list(head.trainable_variables)
+    centres = None
+    if loss == "arcface":
+        centres = keras.Variable(keras.random.normal((len(classes), dim), seed=random_state), name="centres")
+        trainable.append(centres)
+    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer.build(trainable)
+    x = (features - mean) / std
+
+    def batch_loss(rows):
+        embeddings = head(x[rows], training=True)
+        if loss == "arcface":
+            onehot = ops.one_hot(encoded[rows], len(classes))
+            logits = _arcface_logits(embeddings, onehot, centres, scale=30.0, margin=0.3)
+            return ops.mean(keras.losses.categorical_crossentropy(onehot, logits, from_logits=True))
+        return _supcon_loss(embeddings, ops.convert_to_tensor(encoded[rows]), temperature=0.1)
+
+    step = _train_step(batch_loss, trainable, optimizer)
+    rng = np.random.default_rng(random_state)
+    best, best_weights, waited, run = -1.0, head.get_weights(), 0, 0
+    for run in range(1, epochs + 1):
+        for rows in _balanced_batches(encoded, classes_per_batch, per_class, rng):
+            step(rows)
+        if validation is None:
+            continue
+        score = retrieval_among(_embed(head, validation[0], mean, std), validation[1], center=False)["precision@5"]
+        if score > best + 1e-4:
+            best, best_weights, waited = score, head.get_weights(), 0
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    head.set_weights(best_weights)
+    return _with_standardisation(head, mean, std), run
+
+
+def _train_step(batch_loss, variables, optimizer):
+    """One optimisation step, written once for whichever backend Keras runs on."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def step(rows):
+            with tf.GradientTape() as tape:
+                value = batch_loss(rows)
+            optimizer.apply_gradients(zip(tape.gradient(value, variables), variables))
+            return value
+        return step
+    if backend == "torch":
+        def step(rows):
+            for variable in variables:
+                variable.value.grad = None
+            value = batch_loss(rows)
+            value.backward()
+            optimizer.apply([v.value.grad for v in variables], variables)
+            return value
+        return step
+    if backend == "jax":
+        import jax
+
+        def step(rows):
+            values = [v.value for v in variables]
+
+            def pure(vals):
+                for variable, value in zip(variables, vals):
+                    variable.assign(value)
+                return batch_loss(rows)
+            value, grads = jax.value_and_grad(pure)(values)
+            for variable, value_ in zip(variables, values):
+                variable.assign(value_)
+            optimizer.apply(grads, variables)
+            return value
+        return step
+    raise AdapterError(f"training the adapter is not supported on the {backend} backend")
+
+
+def _with_standardisation(head, mean, std):
+    """The head with the input standardisation in front, so the saved model takes raw features."""
+    import keras
+
+    inputs = keras.Input((len(mean),), name="features")
+    scaled = keras.layers.Normalization(mean=mean, variance=std ** 2, name="standardise")(inputs)
+    return keras.Model(inputs, head(scaled), name="similar_finder_adapter")
+
+
+def _embed(model, features: np.ndarray, mean=None, std=None) -> np.ndarray:
+    x = np.asarray(features, np.float32)
+    if mean is not None:
+        x = (x - mean) / std
+    return np.asarray(model.predict(x, batch_size=1024, verbose=0), np.float32)
+
+
+# --- the saved adapter ---------------------------------------------------------------------
+
+class Adapter:
+    """A trained head: raw backbone vectors in, adapted unit vectors out; loaded once per process and file."""
+
+    def __init__(self, path: str | os.PathLike):
+        import keras
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MissingError(f"no adapter at {self.path}; train one with `similar-finder adapt LABELLED_DIR`")
+        self.info = read_json(self.path.with_suffix(".json")) if self.path.with_suffix(".json").is_file() else {}
+        try:
+            self.model = keras.saving.load_model(self.path, compile=False)
+        except Exception as exc:  # Keras reports a bad file with assorted exception types
+            raise AdapterError(f"cannot read the adapter {self.path}: {exc}") from exc
+        self.sha256 = file_sha256(self.path)
+        self.input_dim = int(self.model.input_shape[-1])
+        self.dim = int(self.model.output_shape[-1])
+
+    @property
+    def record(self) -> dict:
+        """What the feature sidecar records of the adapter (mixing others is refused)."""
+        return {"sha256": self.sha256, "dim": self.dim, "file": self.path.name}
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        features = np.atleast_2d(np.asarray(features, np.float32))
+        if features.shape[1] != self.input_dim:
+            raise AdapterError(f"the adapter {self.path} takes {self.input_dim}-d features, got "
+                               f"{features.shape[1]}-d; use it with the backbone it was trained on "
+                               f"({self.info.get('backbone', {}).get('backbone', 'see its .json')})")
+        return _embed(self.model, features)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def load_adapter(path: str | os.PathLike) -> Adapter:
+    """The adapter at ``path``, loaded once per process and version of the file."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise MissingError(f"no adapter at {path}; train one with `similar-finder adapt LABELLED_DIR`")
+    return _load_cached(str(path), path.stat().st_mtime_ns)
+
+
+_LOADED: dict = {}
+
+
+def _load_cached(path: str, stamp: int) -> Adapter:
+    key = (path, stamp)
+    if key not in _LOADED:
+        _LOADED[key] = Adapter(path)
+    return _LOADED[key]
+
+
+def save_head(model, path: Path, info: dict) -> Path:
+    """Save atomically: Keras writes a temporary ``.keras`` file, renamed over ``path`` once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save(folder / "adapter.keras")
+        os.replace(folder / "adapter.keras", path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    write_json(path.with_suffix(".json"), {**info, "sha256": file_sha256(path)})
+    return path
+
+
+# --- the whole step ------------------------------------------------------------------------
+
+def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAULT_ADAPTER, *,
+          features_csv: str | os.PathLike | None = None, backbone: str | None = None, loss: str = "arcface",
+          epochs: int = 60, dim: int = 128, fine_tune_blocks: int = 0, progress: bool = True,
+          **extract_kwargs) -> AdaptResult:
+    """Train an adapter on a folder with one subfolder per class and save it to ``out``.
+
+    Photos are embedded with ``backbone`` (incrementally, into ``features_csv``,
+    default ``data/adapt/<folder>.csv``). A stratified fifth of the photos is
+    held out: training stops when their retrieval stops improving, and their
+    precision@5 before and after is returned (and logged).
+    """
+    from .features import extract_features
+
+    if fine_tune_blocks:
+        raise UsageError("fine-tuning backbone blocks (--fine-tune-blocks > 0) is not available yet; "
+                         "the adapter trains on frozen features (--fine-tune-blocks 0)")
+    labelled_dir = Path(labelled_dir)
+    if features_csv is None:
+        features_csv = DATA_DIR / "adapt" / f"{labelled_dir.resolve().name}.csv"
+    library = extract_features(labelled_dir, features_csv, backbone, progress=progress, **extract_kwargs)
+    if library.config and library.config.get("adapter"):
+        raise AdapterError(f"{features_csv} holds adapted vectors; adapt from plain backbone features")
+    labels = library.labels(required=True)
+    train, validation = stratified_split(labels, VALIDATION_SHARE)
+    head, run = train_head(library.matrix[train], labels[train], loss=loss, epochs=epochs, dim=dim,
+                           validation=(library.matrix[validation], labels[validation]))
+    before = retrieval_among(library.matrix[validation], labels[validation])
+    after = retrieval_among(_embed(head, library.matrix[validation]), labels[validation], center=False)
+    log.info("validation precision@5: %.3f plain, %.3f adapted (%d epochs)", before["precision@5"],
+             after["precision@5"], run)
+    info = {"backbone": library.config, "loss": loss, "dim": dim, "epochs": run, "classes": sorted(set(labels)),
+            "trained_on": str(labelled_dir.resolve()), "validation": {"plain": before, "adapted": after}}
+    path = save_head(head, Path(out), info) if out is not None else None
+    return AdaptResult(path, before, after, run, info)
+
+
+def compare_adapted(matrix: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, *,
+                    loss: str = "arcface", k: int = SCORE_K) -> tuple[dict, dict]:
+    """Train on rows ``train`` (a fifth of them for early stopping), score retrieval among rows ``test``:
+    ``(plain scores, adapted scores)``."""
+    labels = np.asarray(labels)
+    fit, stop = stratified_split(labels[train], VALIDATION_SHARE, random_state=1)
+    head, _ = train_head(matrix[train][fit], labels[train][fit], loss=loss,
+                         validation=(matrix[train][stop], labels[train][stop]))
+    plain = retrieval_among(matrix[test], labels[test], k=k)
+    adapted = retrieval_among(_embed(head, matrix[test]), labels[test], center=False, k=k)
+    return plain, adapted
+
+
+if __name__ == "__main__":
+    from .cli import main_for
+
+    raise SystemExit(main_for("adapt"))
