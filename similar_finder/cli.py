@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ._io import DEFAULT_FEATURES, OUTPUT_DIR, write_csv
+from ._io import DEFAULT_FEATURES, OUTPUT_DIR
 from .errors import SimilarFinderError
 
 PROG = "similar-finder"
@@ -86,6 +86,11 @@ def _recommend(args) -> None:
 
     if args.approach == "kmeans":
         from .clustering import recommend_by_cluster
+        from .errors import UsageError
+
+        if args.kind != "cnn" or args.threshold is not None:
+            raise UsageError("--approach kmeans clusters CNN features and always answers: "
+                             "--kind and --threshold apply to the cosine approach only")
 
         result = recommend_by_cluster(args.file, args.n, library=args.features_file, model=args.model)
     else:
@@ -108,24 +113,18 @@ def _evaluate(args) -> None:
 
 
 def _duplicates(args) -> None:
-    import pandas as pd
-
-    from .descriptors import find_duplicates
+    from .descriptors import write_duplicates
 
     root = Path(args.images_dir)
     out = Path(args.out) if args.out else OUTPUT_DIR / root.resolve().name / "duplicates"
-    groups = find_duplicates(root, args.max_distance, args.hash)
-    rows = [(i, path) for i, group in enumerate(groups) for path in group]
-    write_csv(out / "duplicates.csv", pd.DataFrame(rows, columns=["group", "path"]))
+    groups = write_duplicates(root, out, args.max_distance, args.hash)
     if not groups:
         print(f"no near-duplicates found under {root} (max distance {args.max_distance} bits)")
         return
-    from .plots import image_rows, save_figure
-
     for i, group in enumerate(groups):
         print(f"group {i}: " + ", ".join(group))
-        save_figure(image_rows({f"group {i}": group}, root, per_row=max(2, len(group))), out / f"group_{i:04d}.png")
-    print(f"{len(groups)} groups, {len(rows)} images; listed in {out / 'duplicates.csv'}, pictures beside it")
+    print(f"{len(groups)} groups, {sum(map(len, groups))} images; listed in {out / 'duplicates.csv'}, "
+          f"pictures beside it")
 
 
 def _projector(args) -> None:
@@ -147,6 +146,7 @@ def _run_all(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .clustering import DEFAULT_CLUSTERS, DEFAULT_MODEL
+    from .kinds import HASH_KINDS
 
     parser = argparse.ArgumentParser(prog=PROG, description="Find visually similar images with pretrained CNN "
                                                             "features.")
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "edited copies), write duplicates.csv and one picture per group.")
     p.add_argument("images_dir")
     p.add_argument("--max-distance", type=int, default=6, help="differing bits of 64 still called a copy")
-    p.add_argument("--hash", choices=("ahash", "dhash", "phash"), default="phash")
+    p.add_argument("--hash", choices=HASH_KINDS, default="phash")
     p.add_argument("--out", default=None, help="folder for duplicates.csv and the pictures "
                                                "(default: output/<folder>/duplicates)")
     p.set_defaults(run=_duplicates)

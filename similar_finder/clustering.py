@@ -23,7 +23,7 @@ import pandas as pd
 from ._io import DATA_DIR, DEFAULT_FEATURES, MODELS_DIR, atomic_write, write_csv
 from .errors import SimilarFinderError, UsageError, check_choice, check_positive
 from .library import Library, as_library
-from .neighbors import l2_normalize
+from .neighbors import l2_normalize, own_rows
 from .recommender import Approach
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,8 @@ class ClusterRecommender(Approach):
     def kneighbors(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
         """Cluster members of each query, ranked by ``order``: ``(distances, indices)`` padded with inf / -1."""
         check_positive("n_neighbors", n_neighbors)
-        own = queries is None
-        if own:
-            rows = np.arange(len(self.unit_)) if rows is None else np.asarray(rows, int).reshape(-1)
+        if queries is None:
+            rows = own_rows(len(self.unit_), rows)
             unit, clusters = self.unit_[rows], self.labels_[rows]
         else:
             unit = l2_normalize(np.atleast_2d(queries))
@@ -231,12 +230,9 @@ class ClusterRecommender(Approach):
             out_i[q, :len(members[:n_neighbors])] = members[:n_neighbors]
         return out_d, out_i
 
-    def answer(self, distances, indices, gate_score=None, *, threshold=None) -> pd.DataFrame:
+    def _frame(self, distances: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
         """Like the recommender's answer, plus the ``cluster`` the results belong to."""
-        result = super().answer(distances, indices, gate_score, threshold=threshold)
-        rows = np.asarray(indices).ravel()
-        result["cluster"] = self.labels_[rows[rows >= 0]].astype(int) if len(result) else pd.Series(dtype=int)
-        return result
+        return super()._frame(distances, rows).assign(cluster=self.labels_[rows].astype(int))
 
 
 def recommend_by_cluster(file, n_sample: int = 4, order: str = "distance", *, library=DEFAULT_FEATURES,

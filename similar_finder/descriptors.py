@@ -61,7 +61,7 @@ def _describe_or_none(file, kinds):
         for spec in kinds:
             if spec.decode_size not in decoded:
                 decoded[spec.decode_size] = load_image(Path(file), spec.decode_size)[0]
-    except ImageError:
+    except (ImageError, OSError):  # gone or damaged since extraction: the caller says what to do
         return None
     return [spec.from_pixels(decoded[spec.decode_size]) for spec in kinds]
 
@@ -110,3 +110,19 @@ def find_duplicates(images_dir: str | os.PathLike, max_distance: int = 6, kind: 
     groups = pd.Series(paths).groupby(component).agg(list)
     groups = [sorted(g) for g in groups if len(g) > 1]
     return sorted(groups, key=lambda g: (-len(g), g[0]))
+
+
+def write_duplicates(images_dir: str | os.PathLike, out: str | os.PathLike, max_distance: int = 6,
+                     kind: str = "phash") -> list[list[str]]:
+    """:func:`find_duplicates`, written to ``out/duplicates.csv`` (group, path) with one picture per group."""
+    from ._io import write_csv
+    from .plots import image_rows, save_figure
+
+    groups = find_duplicates(images_dir, max_distance, kind)
+    out = Path(out)
+    rows = [(i, path) for i, group in enumerate(groups) for path in group]
+    write_csv(out / "duplicates.csv", pd.DataFrame(rows, columns=["group", "path"]))
+    for i, group in enumerate(groups):
+        save_figure(image_rows({f"group {i}": group}, images_dir, per_row=max(2, len(group))),
+                    out / f"group_{i:04d}.png")
+    return groups

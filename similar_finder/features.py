@@ -207,6 +207,9 @@ def _load_previous(files: FeatureFiles, root: Path) -> dict | None:
             f"{files.csv} holds the features of {meta['images_root']}, not {root}. "
             f"Use another --out file for this folder, or --overwrite to replace it."
         )
+    if "thresholds" in meta and not files.thresholds.exists():  # version 0.1 kept them in the sidecar
+        write_json(files.thresholds, {key: {"fingerprint": meta["fingerprint"], **calibration}
+                                      for key, calibration in meta["thresholds"].items()})
     return {"files": files, "paths": stored.paths, "matrix": stored.matrix, "config": meta["config"],
             "audit": stored.audit, "stored": stored}
 
@@ -379,7 +382,7 @@ class InProcessRunner:
                         if len(batch) == self.batch_size:
                             run_batch()
                         continue
-                    bar.write(f"skipped {path}: {error}")
+                    log.warning("skipped %s: %s", path, error)
                     if sha is None:  # unreadable: no hash to remember it by
                         writer.known.unreadable[path] = error
                     else:

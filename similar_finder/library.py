@@ -26,12 +26,12 @@ import pandas as pd
 
 from ._io import DEFAULT_FEATURES, atomic_write, read_json, write_json
 from .errors import UsageError
-from .images import ImageError, load_image
+from .images import ImageError
 from .kinds import get_kind
-from .store import FeatureFiles, FeaturesError, StoredFeatures, find_in_library, read_meta, read_store, require_file
+from .reduce import DEFAULT_COMPONENTS
+from .store import FeatureFiles, FeaturesError, StoredFeatures, find_in_library, read_store, require_file
 
 log = logging.getLogger(__name__)
-PCA_COMPONENTS = 128  # see reduce.DEFAULT_COMPONENTS
 
 
 def class_of(path: str) -> str:
@@ -115,11 +115,14 @@ class Library:
             joblib.dump({"fingerprint": self.fingerprint, "value": value}, handle)
         return value
 
-    def pca(self, n_components: int = PCA_COMPONENTS):
+    def pca(self, n_components: int = DEFAULT_COMPONENTS):
         """The PCA fitted on this library's CNN features (``variance_kept_`` says how much is kept)."""
         from .reduce import fit_pca
 
-        return self.cached(f"pca{n_components}", lambda: fit_pca(self.matrix, n_components))
+        key = f"pca{n_components}"
+        if key not in self.models:
+            self.models[key] = self.cached(key, lambda: fit_pca(self.matrix, n_components))
+        return self.models[key]
 
     def vectors(self, kind: str = "cnn") -> np.ndarray:
         """The library's matrix for a feature kind, rows in the order of ``paths``."""
@@ -189,9 +192,10 @@ class Library:
 
     def describer(self, kind: str = "cnn"):
         """``describe(file) -> vector``: a new photo described as the library's ``kind`` vectors are."""
-        spec = get_kind(kind)
-        if spec.from_pixels is not None:
-            return lambda file: spec.from_pixels(load_image(require_file(file), spec.decode_size)[0])
+        if get_kind(kind).from_pixels is not None:
+            from .descriptors import describe
+
+            return lambda file: describe(require_file(file), kind)
         from .features import embed_file
 
         if kind == "pca":
@@ -220,14 +224,23 @@ class Library:
     def thresholds(self) -> dict:
         """Calibrated thresholds by ``"<kind>/<metric>"``."""
         if self.files.thresholds.is_file():
-            return read_json(self.files.thresholds)
+            try:
+                return read_json(self.files.thresholds)
+            except (OSError, ValueError) as exc:
+                raise FeaturesError(f"cannot read {self.files.thresholds}: {exc}; delete it and calibrate "
+                                    f"again (run-all does)") from exc
         return self.meta.get("thresholds", {})  # where version 0.1 kept them
 
     def threshold_for(self, kind: str, metric: str, center: bool) -> dict | None:
+        """The calibration stored for this kind, metric and centring, if it was made on this very library."""
         stored = self.thresholds.get(f"{kind}/{metric}")
-        if stored is not None and stored.get("center", True) == center:
-            return stored
-        return None
+        if stored is None or stored.get("center", True) != center:
+            return None
+        if stored.get("fingerprint", self.fingerprint) != self.fingerprint:
+            log.info("the %s threshold was calibrated on an earlier version of %s; using the unlabelled rule "
+                     "until it is calibrated again", kind, self.files.csv.name)
+            return None
+        return stored
 
     def save_threshold(self, calibration: dict, kind: str = "cnn") -> None:
         """Store a calibrated threshold; recommenders over this library then use it by default."""
@@ -245,14 +258,16 @@ def as_library(library) -> Library:
 
 
 def open_library(csv: str | os.PathLike = DEFAULT_FEATURES) -> Library:
-    """The library at ``csv``, reused while its fingerprint is unchanged (a bare CSV is re-read)."""
+    """The library at ``csv``, opened once per process while its files are unchanged."""
     files = FeatureFiles(Path(csv).expanduser().resolve())
-    if not files.meta.is_file():
-        return Library(files.csv)
-    meta = read_meta(files)
-    return _open_cached(str(files.csv), meta.get("fingerprint"), tuple(meta.get("csv_stat", ())))
+    if not files.csv.is_file():
+        return Library(files.csv)  # says what is missing and how to make it
+    # A cheap test for "same files as last time": the store is re-read when any of them changes.
+    stamps = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+                   for p in (files.csv, files.meta, files.npy))
+    return _open_cached(str(files.csv), stamps)
 
 
 @functools.lru_cache(maxsize=4)
-def _open_cached(csv: str, fingerprint: str | None, csv_stat: tuple) -> Library:
+def _open_cached(csv: str, stamps: tuple) -> Library:
     return Library(csv)

@@ -83,6 +83,19 @@ def sample_rows(n: int, max_rows: int | None, *, even: bool = False, random_stat
     return np.sort(np.random.default_rng(random_state).choice(n, max_rows, replace=False))
 
 
+def as_matrix(features) -> np.ndarray:
+    """``features`` as a float32 matrix (images x dimensions), or a clear error."""
+    features = np.asarray(features, np.float32)
+    if features.ndim != 2 or len(features) == 0:
+        raise UsageError("features must be a non-empty 2-D array (images x dimensions)")
+    return features
+
+
+def own_rows(n: int, rows=None) -> np.ndarray:
+    """The library rows a ``queries=None`` call asks about: ``rows``, or all ``n``."""
+    return np.arange(n) if rows is None else np.asarray(rows, int).reshape(-1)
+
+
 def _sorted_head(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` smallest entries of each row of ``block``, ascending: (values, columns)."""
     if k >= block.shape[1]:
@@ -98,7 +111,8 @@ class Neighbors:
     """Nearest neighbours over a fixed library of vectors (brute force, or FAISS for very large ones).
 
     ``center=True`` (cosine only) subtracts the library's mean vector before
-    normalising; ``index="faiss"`` answers ``kneighbors`` from a FAISS index
+    normalising (off by default here; the :class:`Recommender` turns it on for
+    cosine); ``index="faiss"`` answers ``kneighbors`` from a FAISS index
     (exact below 10k vectors, an inverted-file index probing ``nprobe`` lists above).
     """
 
@@ -109,9 +123,7 @@ class Neighbors:
         self.nprobe = nprobe
 
     def fit(self, features: np.ndarray) -> "Neighbors":
-        features = np.asarray(features, np.float32)
-        if features.ndim != 2 or len(features) == 0:
-            raise UsageError("features must be a non-empty 2-D array (images x dimensions)")
+        features = as_matrix(features)
         self.raw_ = features  # the caller's array (no copy): queries by row read it
         self.mean_ = features.mean(0) if self.center and self.metric == "cosine" else None
         # Uncentred cosine for the gate needs each row's length; only kept when centring.
@@ -156,7 +168,7 @@ class Neighbors:
         """
         own = queries is None
         if own:
-            rows = np.arange(self.n) if rows is None else np.asarray(rows, int).reshape(-1)
+            rows = own_rows(self.n, rows)
             total = len(rows)
         else:
             queries = self._check_queries(queries)
@@ -178,8 +190,7 @@ class Neighbors:
         (default: all of them), never returning a row as its own neighbour.
         """
         own = queries is None
-        count = (self.n if rows is None else len(np.asarray(rows).reshape(-1))) if own else \
-            len(self._check_queries(queries))
+        count = len(own_rows(self.n, rows)) if own else len(self._check_queries(queries))
         k = min(int(n_neighbors), self.n - int(own))
         if k < 1:
             return np.empty((count, 0), np.float32), np.empty((count, 0), np.int64)
@@ -205,8 +216,7 @@ class Neighbors:
         distances, indices = self.kneighbors(queries, wanted, rows=rows)
         if centred:
             if queries is None:
-                rows = np.arange(self.n) if rows is None else np.asarray(rows, int).reshape(-1)
-                raw = self.raw_[rows]
+                raw = self.raw_[own_rows(self.n, rows)]
             else:
                 raw = self._check_queries(queries)
             plain = np.sort(self._uncentred(raw, indices), axis=1)
@@ -265,7 +275,7 @@ class Neighbors:
 
     def _faiss_kneighbors(self, queries, rows, k):
         if queries is None:
-            rows = np.arange(self.n) if rows is None else np.asarray(rows, int).reshape(-1)
+            rows = own_rows(self.n, rows)
             queries, exclude = self.raw_[rows], rows
         else:
             queries = self._check_queries(queries)

@@ -1,4 +1,4 @@
-"""The improved approach: thresholded nearest neighbours by cosine distance.
+"""The improved approach: thresholded nearest neighbours (cosine on CNN features, or any feature kind).
 
 ``recommend(file, n_sample)`` returns the library images most similar to
 ``file`` (a new photo, or one of the library's), closest first, as a DataFrame
@@ -29,7 +29,6 @@ any kind of :mod:`.kinds`: PCA-reduced CNN features, colour histograms
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pandas as pd
@@ -38,7 +37,7 @@ from ._io import DEFAULT_FEATURES
 from .errors import UsageError, check_choice, check_positive
 from .kinds import get_kind
 from .library import Library, as_library
-from .neighbors import METRICS, Neighbors
+from .neighbors import METRICS, Neighbors, as_matrix
 from .thresholds import calibrate_threshold
 
 log = logging.getLogger(__name__)
@@ -58,9 +57,7 @@ class Approach:
             self.library_ = features
             self.paths_ = features.paths
             return features.vectors(kind)
-        features = np.asarray(features, np.float32)
-        if features.ndim != 2 or len(features) == 0:
-            raise UsageError("features must be a non-empty 2-D array (images x dimensions)")
+        features = as_matrix(features)
         self.library_ = None
         self.paths_ = list(paths) if paths is not None else [str(i) for i in range(len(features))]
         return features
@@ -80,8 +77,10 @@ class Approach:
         distances, indices = np.asarray(distances).ravel(), np.asarray(indices).ravel()
         refused = threshold is None and gate_score is not None and not gate_score < self.gate_
         keep = (distances < limit) & (indices >= 0) & (not refused)
-        return pd.DataFrame({"path": [self.paths_[i] for i in indices[keep]],
-                             "distance": distances[keep].astype(float)})
+        return self._frame(distances[keep], indices[keep])
+
+    def _frame(self, distances: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({"path": [self.paths_[i] for i in rows], "distance": distances.astype(float)})
 
     def recommend(self, file, n_sample: int = 4, threshold: float | None = None) -> pd.DataFrame:
         """The library images closest to ``file`` and under the threshold."""

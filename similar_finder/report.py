@@ -74,8 +74,8 @@ class Report:
             elif kind == "text":
                 parts.append(f"<p>{html.escape(value)}</p>")
             elif kind == "table":
-                frame, index, _ = value
-                parts.append(frame.to_html(index=index, float_format=lambda x: f"{x:.3f}", border=0))
+                frame, index, floatfmt = value
+                parts.append(_html_table(frame, index, floatfmt))
             elif kind == "image":
                 parts.append(embedded_image(Path(folder) / value[0], value[1]))
         return "\n".join(parts)
@@ -88,6 +88,16 @@ class Report:
         with atomic_write(page) as handle:
             handle.write(self.to_html(folder))
         return markdown, page
+
+
+def _html_table(frame: pd.DataFrame, index: bool, floatfmt) -> str:
+    """A table with the same number formats as its Markdown twin (``floatfmt``: one, or one per column)."""
+    formats = floatfmt if isinstance(floatfmt, (tuple, list)) else [floatfmt] * len(frame.columns)
+    shown = frame.copy()
+    for column, fmt in zip(frame.columns, formats):
+        if pd.api.types.is_float_dtype(frame[column]):
+            shown[column] = frame[column].map(lambda x, f=fmt: format(x, f))
+    return shown.to_html(index=index, border=0)
 
 
 def embedded_image(path: Path, alt: str = "") -> str:

@@ -86,7 +86,7 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
     from tqdm import tqdm
 
     check_positive("n_sample", n_sample)
-    spec = get_kind(kind)
+    get_kind(kind)  # a clear error before any work
     images_dir = Path(images_dir) if images_dir is not None else ensure_demo_library()
     if not images_dir.is_dir():
         raise MissingError(f"images folder {images_dir} does not exist or is not a folder")

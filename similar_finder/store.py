@@ -106,6 +106,11 @@ def fingerprint(config: dict, paths, shas) -> str:
     return digest.hexdigest()[:32]
 
 
+def content_fingerprint(paths, matrix: np.ndarray) -> str:
+    """The identity of a CSV known only by its contents (edited by hand, or without its sidecar)."""
+    return hashlib.sha256(np.ascontiguousarray(matrix).tobytes() + "\n".join(paths).encode()).hexdigest()[:32]
+
+
 # --- reading ---------------------------------------------------------------------------
 
 def read_store(csv: str | os.PathLike) -> StoredFeatures:
@@ -125,9 +130,13 @@ def read_store(csv: str | os.PathLike) -> StoredFeatures:
     stat = files.csv.stat()
     if meta.get("csv_stat") == [stat.st_size, stat.st_mtime_ns] and files.npy.is_file() and audit is not None:
         matrix = np.load(files.npy)
-        paths = audit.loc[audit["status"] != "skipped", "path"].tolist()
+        kept = audit[audit["status"] != "skipped"]
+        paths = kept["path"].tolist()
         if matrix.shape[0] == len(paths):
-            return StoredFeatures(paths, matrix, meta, audit)
+            if "fingerprint" not in meta and "config" in meta:  # written by version 0.1
+                meta["fingerprint"] = fingerprint(config_of(meta["config"]), paths, kept["sha256"])
+            if "fingerprint" in meta:
+                return StoredFeatures(paths, matrix, meta, audit)
     try:
         frame = pd.read_csv(files.csv, dtype={"path": str})
     except (OSError, ValueError, pd.errors.ParserError) as exc:
@@ -135,9 +144,8 @@ def read_store(csv: str | os.PathLike) -> StoredFeatures:
     if frame.columns[0] != "path":
         raise FeaturesError(f"{files.csv} does not start with a 'path' column; is it a features file?")
     paths, matrix = frame["path"].tolist(), frame.iloc[:, 1:].to_numpy(dtype=np.float32)
-    if "fingerprint" not in meta or meta.get("rows") != len(paths):
-        # Edited or bare: identify it by what it holds.
-        meta["fingerprint"] = hashlib.sha256(matrix.tobytes() + "\n".join(paths).encode()).hexdigest()[:32]
+    # Parsed: edited by hand, or shared without its companions; identified by what it holds.
+    meta["fingerprint"] = content_fingerprint(paths, matrix)
     return StoredFeatures(paths, matrix, meta, audit)
 
 

@@ -167,3 +167,49 @@ def test_recommend_command_prints_results_or_says_none(food_features, food_db, t
     assert cli.main(["recommend", query, "--approach", "kmeans", "--model", str(tmp_path / "k.joblib"),
                      "--features-file", str(food_features)]) == 0
     assert capsys.readouterr().out.split()[:3] == ["path", "distance", "cluster"]
+
+
+def test_a_store_written_by_version_0_1_opens_and_keeps_its_threshold(tmp_path):
+    import json
+
+    from similar_finder import extract_features
+
+    images = tmp_path / "photos"
+    make_images(images / "a", 4)
+    make_images(images / "b", 4, seed=1)
+    library = extract_features(images, tmp_path / "f.csv", **FAST)
+    sidecar = json.loads(library.files.meta.read_text())
+    del sidecar["fingerprint"]  # as 0.1 wrote it: no fingerprint, thresholds inside the sidecar
+    sidecar["thresholds"] = {"cnn/cosine": {"value": 0.123, "metric": "cosine", "center": True}}
+    library.files.meta.write_text(json.dumps(sidecar))
+    reopened = Library(tmp_path / "f.csv")
+    assert reopened.fingerprint == library.fingerprint and reopened.threshold_for("cnn", "cosine", True)
+    make_images(images / "b", 1, seed=9, prefix="new")
+    refreshed = extract_features(images, tmp_path / "f.csv", **FAST)
+    assert refreshed.thresholds["cnn/cosine"]["value"] == 0.123  # moved to its own file, not lost
+    assert refreshed.threshold_for("cnn", "cosine", True) is None  # made on an earlier version: not used
+
+
+def test_an_edited_csv_is_not_served_stale(food_features, tmp_path):
+    import pandas as pd
+
+    from similar_finder.recommender import recommend
+
+    shutil.copytree(food_features.parent, tmp_path / "feat")
+    csv = tmp_path / "feat" / food_features.name
+    query = Library(csv).paths[0]
+    first = recommend(query, 1, threshold=2.0, library=csv)
+    frame = pd.read_csv(csv)
+    frame.iloc[1:, 1:] = -frame.iloc[1:, 1:].to_numpy()  # every other photo now points the other way
+    frame.iloc[5, 1:] = frame.iloc[0, 1:].to_numpy()  # ... but one is an exact copy of the query
+    frame.to_csv(csv, index=False)
+    second = recommend(query, 1, threshold=2.0, library=csv)
+    assert second["path"][0] == frame["path"][5] != first["path"][0] or second["distance"][0] < 1e-5
+
+
+def test_the_kmeans_answer_keeps_its_cluster_column_under_an_explicit_threshold(food_features, food_db):
+    from similar_finder.clustering import ClusterRecommender
+
+    library = Library(food_features)
+    result = ClusterRecommender().fit(library).recommend(food_db / library.paths[0], 4, threshold=0.5)
+    assert list(result.columns) == ["path", "distance", "cluster"] and (result["distance"] < 0.5).all()
