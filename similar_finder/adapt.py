@@ -77,6 +77,21 @@ def class_split(labels: np.ndarray, share: float = 0.5, *, random_state: int = 0
     return np.flatnonzero(~test), np.flatnonzero(test)
 
 
+def retrieval_against(queries: np.ndarray, query_labels, library: np.ndarray, library_labels, *,
+                      center: bool = True, k: int = SCORE_K) -> dict:
+    """precision@k and mAP of new photos (``queries``) searched in a ``library`` of other photos."""
+    from .recommender import Recommender
+
+    query_labels, library_labels = np.asarray(query_labels), np.asarray(library_labels)
+    model = Recommender(threshold=np.inf, gate=np.inf, center=center).fit(library)
+    _, ranked = model.kneighbors(queries, len(library))
+    hits = library_labels[ranked] == query_labels[:, None]
+    totals = np.maximum(hits.sum(1), 1)
+    precision_at = np.cumsum(hits, 1) / np.arange(1, hits.shape[1] + 1)
+    return {f"precision@{k}": float(hits[:, :k].mean()),
+            "mAP": float(((precision_at * hits).sum(1) / totals).mean())}
+
+
 def retrieval_among(vectors: np.ndarray, labels: np.ndarray, *, center: bool = True, k: int = SCORE_K) -> dict:
     """Leave-one-out precision@k, recall@k and mAP of cosine retrieval among ``vectors`` alone."""
     from .evaluate import full_rankings, retrieval_scores
@@ -139,7 +154,8 @@ def train_head(features: np.ndarray, labels: np.ndarray, *, validation: tuple[np
     """Train the head on ``features`` (N x D) with ``labels``; returns ``(head, epochs run)``.
 
     ``validation`` (features, labels) of other photos decides when to stop: the
-    weights of the epoch with the best validation precision@5 are kept.
+    weights of the epoch with the best precision@5 of those photos searched
+    among the training photos are kept.
     """
     import keras
     from keras import ops
@@ -178,7 +194,8 @@ def train_head(features: np.ndarray, labels: np.ndarray, *, validation: tuple[np
             step(rows)
         if validation is None:
             continue
-        score = retrieval_among(_embed(head, validation[0], mean, std), validation[1], center=False)["precision@5"]
+        score = retrieval_against(_embed(head, validation[0], mean, std), validation[1],
+                                  _embed(head, features, mean, std), labels, center=False)["precision@5"]
         if score > best + 1e-4:
             best, best_weights, waited = score, head.get_weights(), 0
         else:
@@ -270,7 +287,14 @@ class Adapter:
     @property
     def record(self) -> dict:
         """What the feature sidecar records of the adapter (mixing others is refused)."""
-        return {"sha256": self.sha256, "dim": self.dim, "file": self.path.name}
+        return {"sha256": self.sha256, "dim": self.dim, "path": str(self.path)}
+
+    def check_backbone(self, config: dict) -> None:
+        """Refuse a backbone other than the one the adapter was trained on."""
+        trained = {k: v for k, v in (self.info.get("backbone") or {}).items() if k != "adapter"}
+        if self.input_dim != config["dim"] or (trained and trained != {k: config[k] for k in trained}):
+            raise AdapterError(f"the adapter {self.path} was trained on {trained or f'{self.input_dim}-d features'}, "
+                               f"not on {config}; train one for this backbone with `similar-finder adapt`")
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         features = np.atleast_2d(np.asarray(features, np.float32))
@@ -284,6 +308,41 @@ class Adapter:
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+@dataclass
+class AdaptedBackbone:
+    """A backbone followed by an adapter: what ``extract --adapter`` and its new queries embed with."""
+
+    backbone: object
+    adapter: Adapter
+
+    def __post_init__(self):
+        self.adapter.check_backbone(self.backbone.config)
+        self.name, self.input_size = self.backbone.name, self.backbone.input_size
+
+    @property
+    def dim(self) -> int:
+        return self.adapter.dim
+
+    @property
+    def config(self) -> dict:
+        return {**self.backbone.config, "dim": self.adapter.dim, "adapter": self.adapter.record}
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return self.adapter.transform(self.backbone.embed(images))
+
+
+def adapter_for(record: dict | None) -> Adapter | None:
+    """The adapter a library's sidecar records, checked to be the very file it was made with."""
+    if not record:
+        return None
+    path = Path(record["path"])
+    if not path.is_file() or file_sha256(path) != record["sha256"]:
+        raise AdapterError(f"the library's vectors were made with the adapter {path} (sha256 "
+                           f"{record['sha256'][:12]}…), which is no longer there as it was; put it back, or "
+                           f"extract again with `--adapter NEW_FILE --overwrite`")
+    return load_adapter(path)
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
@@ -320,6 +379,53 @@ def save_head(model, path: Path, info: dict) -> Path:
 
 # --- the whole step ------------------------------------------------------------------------
 
+PLAIN_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def blended_model(head, weight: float):
+    """The adapter as saved: ``sqrt(1-w)`` x the head's unit vector beside ``sqrt(w)`` x the plain unit
+    vector, so that cosine similarity is ``(1-w)`` adapted + ``w`` plain. The plain part is not centred:
+    the recommender centres for ranking, and its domain gate needs the uncentred vectors."""
+    import keras
+
+    if weight <= 0:
+        return head
+    inputs = keras.Input(head.input_shape[1:], name="features")
+    plain = keras.layers.UnitNormalization(name="plain_unit")(inputs)
+    parts = [keras.layers.Rescaling(float(np.sqrt(weight)), name="plain_weight")(plain)]
+    if weight < 1:
+        parts.append(keras.layers.Rescaling(float(np.sqrt(1 - weight)), name="adapted_weight")(head(inputs)))
+    outputs = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="blend")(parts)
+    return keras.Model(inputs, outputs, name="similar_finder_adapter")
+
+
+def fit_adapter(features: np.ndarray, labels, *, loss: str = "arcface", epochs: int = 60, dim: int = 128,
+                random_state: int = 0):
+    """Train a head on ``features`` with ``labels`` and blend it with the plain features.
+
+    A stratified fifth is held out. It stops the training, then picks how much
+    of the plain (centred) features to keep beside the head's output: on a
+    handful of photos a head can only overfit, and the blend falls back on the
+    plain features instead of making results worse. Returns ``(model, report)``;
+    ``report`` has the held-out photos' precision@5 and mAP, plain and adapted
+    (searched among the training photos), the plain weight and the epochs run.
+    """
+    features, labels = np.asarray(features, np.float32), np.asarray(labels)
+    fit, held = stratified_split(labels, VALIDATION_SHARE, random_state=random_state + 1)
+    head, run = train_head(features[fit], labels[fit], loss=loss, epochs=epochs, dim=dim,
+                           validation=(features[held], labels[held]), random_state=random_state)
+    scores = {}
+    for weight in PLAIN_WEIGHTS:
+        model = blended_model(head, weight)
+        scores[weight] = retrieval_against(_embed(model, features[held]), labels[held],
+                                           _embed(model, features[fit]), labels[fit])
+    # The best held-out precision; among equals, the most plain (the least that can go wrong).
+    weight = max(PLAIN_WEIGHTS, key=lambda w: (round(scores[w]["precision@5"], 6), w))
+    report = {"plain": scores[1.0], "adapted": scores[weight], "plain_weight": weight, "epochs": run,
+              "train": int(len(fit)), "held_out": int(len(held))}
+    return blended_model(head, weight), report
+
+
 def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAULT_ADAPTER, *,
           features_csv: str | os.PathLike | None = None, backbone: str | None = None, loss: str = "arcface",
           epochs: int = 60, dim: int = 128, fine_tune_blocks: int = 0, progress: bool = True,
@@ -327,9 +433,8 @@ def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAU
     """Train an adapter on a folder with one subfolder per class and save it to ``out``.
 
     Photos are embedded with ``backbone`` (incrementally, into ``features_csv``,
-    default ``data/adapt/<folder>.csv``). A stratified fifth of the photos is
-    held out: training stops when their retrieval stops improving, and their
-    precision@5 before and after is returned (and logged).
+    default ``data/adapt/<folder>.csv``); :func:`fit_adapter` trains and blends
+    the head, and its held-out scores before and after are returned (and logged).
     """
     from .features import extract_features
 
@@ -343,29 +448,26 @@ def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAU
     if library.config and library.config.get("adapter"):
         raise AdapterError(f"{features_csv} holds adapted vectors; adapt from plain backbone features")
     labels = library.labels(required=True)
-    train, validation = stratified_split(labels, VALIDATION_SHARE)
-    head, run = train_head(library.matrix[train], labels[train], loss=loss, epochs=epochs, dim=dim,
-                           validation=(library.matrix[validation], labels[validation]))
-    before = retrieval_among(library.matrix[validation], labels[validation])
-    after = retrieval_among(_embed(head, library.matrix[validation]), labels[validation], center=False)
-    log.info("validation precision@5: %.3f plain, %.3f adapted (%d epochs)", before["precision@5"],
-             after["precision@5"], run)
-    info = {"backbone": library.config, "loss": loss, "dim": dim, "epochs": run, "classes": sorted(set(labels)),
-            "trained_on": str(labelled_dir.resolve()), "validation": {"plain": before, "adapted": after}}
-    path = save_head(head, Path(out), info) if out is not None else None
-    return AdaptResult(path, before, after, run, info)
+    model, report = fit_adapter(library.matrix, labels, loss=loss, epochs=epochs, dim=dim)
+    before, after = report["plain"], report["adapted"]
+    log.info("held-out precision@5: %.3f plain, %.3f adapted (plain weight %.1f, %d epochs)",
+             before["precision@5"], after["precision@5"], report["plain_weight"], report["epochs"])
+    if report["plain_weight"] >= 1:
+        log.warning("the head did not beat the plain features on the held-out photos (too few photos per "
+                    "class?); the adapter passes the plain features through")
+    info = {"backbone": library.config, "loss": loss, "dim": dim, "classes": sorted(set(labels)),
+            "trained_on": str(labelled_dir.resolve()), **report}
+    path = save_head(model, Path(out), info) if out is not None else None
+    return AdaptResult(path, before, after, report["epochs"], info)
 
 
 def compare_adapted(matrix: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, *,
                     loss: str = "arcface", k: int = SCORE_K) -> tuple[dict, dict]:
-    """Train on rows ``train`` (a fifth of them for early stopping), score retrieval among rows ``test``:
-    ``(plain scores, adapted scores)``."""
+    """Fit an adapter on rows ``train``, score retrieval among rows ``test``: ``(plain, adapted)``."""
     labels = np.asarray(labels)
-    fit, stop = stratified_split(labels[train], VALIDATION_SHARE, random_state=1)
-    head, _ = train_head(matrix[train][fit], labels[train][fit], loss=loss,
-                         validation=(matrix[train][stop], labels[train][stop]))
+    model, _ = fit_adapter(matrix[train], labels[train], loss=loss)
     plain = retrieval_among(matrix[test], labels[test], k=k)
-    adapted = retrieval_among(_embed(head, matrix[test]), labels[test], center=False, k=k)
+    adapted = retrieval_among(_embed(model, matrix[test]), labels[test], k=k)
     return plain, adapted
 
 

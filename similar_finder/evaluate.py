@@ -44,6 +44,7 @@ class Evaluation:
     queries: int  # images used as queries (all, or an even sample of a large library)
     images: int
     backbone: str | None = None
+    adaptation: pd.DataFrame | None = None  # plain against adapted retrieval, when asked for
 
     def to_markdown(self) -> str:
         return self.table.to_markdown(index=False, floatfmt=".3f")
@@ -52,8 +53,12 @@ class Evaluation:
         """Write ``stem.csv`` and ``stem.md`` (GitHub Markdown)."""
         stem = Path(stem)
         write_csv(stem.with_suffix(".csv"), self.table, float_format="%.4f")
+        markdown = self.to_markdown() + "\n"
+        if self.adaptation is not None:
+            write_csv(stem.with_name(stem.name + "-adaptation.csv"), self.adaptation, float_format="%.4f")
+            markdown += "\n" + self.adaptation.to_markdown(index=False, floatfmt=".3f") + "\n"
         with atomic_write(stem.with_suffix(".md")) as handle:
-            handle.write(self.to_markdown() + "\n")
+            handle.write(markdown)
 
 
 def retrieval_scores(rankings, labels: np.ndarray, k: int = 5, queries=None) -> dict:
@@ -243,8 +248,26 @@ def other_domain_libraries(library: Library, folders, progress: bool = True) -> 
     return libraries
 
 
+def adaptation_table(library: Library, *, split: float | None = 0.5, unseen_classes: bool = False,
+                     k: int = 5) -> pd.DataFrame:
+    """Plain against adapted retrieval on photos the adapter never saw: a stratified ``split`` of the
+    photos held out, and/or half of the classes held out (``unseen_classes``)."""
+    from .adapt import class_split, compare_adapted, stratified_split
+
+    labels = library.labels(required=True)
+    rows = []
+    setups = ([(f"held-out {split:.0%} of each class", stratified_split(labels, split))] if split else []) + \
+        ([("held-out half of the classes", class_split(labels, 0.5))] if unseen_classes else [])
+    for name, (train, test) in setups:
+        plain, adapted = compare_adapted(library.matrix, labels, train, test, k=k)
+        for method, scores in (("plain", plain), ("adapted", adapted)):
+            rows.append({"test photos": name, "features": method, "train": len(train), "test": len(test), **scores})
+    return pd.DataFrame(rows)
+
+
 def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike | None = None,
-             backbone: str | None = None, other_backbones=(), other_domains=(), k: int = 5,
+             backbone: str | None = None, other_backbones=(), other_domains=(), adapt_split: float | None = None,
+             adapt_unseen_classes: bool = False, k: int = 5,
              out_dir: str | os.PathLike = OUTPUT_DIR, progress: bool = True, **extract_kwargs) -> Evaluation:
     """Score every approach and feature kind on a labelled folder; write CSV and Markdown.
 
@@ -252,7 +275,8 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
     ``other_backbones`` adds a cosine row of its own (one that cannot be loaded,
     e.g. offline, is reported and left out). ``other_domains`` are folders of
     photos unlike the library's (other subjects, non-photos), which the default
-    rule should answer with "No similar images found".
+    rule should answer with "No similar images found". ``adapt_split`` and
+    ``adapt_unseen_classes`` add :func:`adaptation_table`.
     """
     from .features import extract_features
 
@@ -263,6 +287,9 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
     others = _other_backbone_sets(labelled_dir, library, other_backbones, progress)
     evaluation = evaluate_features(library, k=k, others=others,
                                    other_domain=other_domain_libraries(library, other_domains, progress))
+    if adapt_split or adapt_unseen_classes:
+        evaluation.adaptation = adaptation_table(library, split=adapt_split, unseen_classes=adapt_unseen_classes,
+                                                 k=k)
     evaluation.save(Path(out_dir) / "evaluation")
     return evaluation
 

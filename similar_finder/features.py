@@ -91,6 +91,7 @@ def extract_features(
     workers: int | None = None,
     checkpoint_every: int = 512,
     overwrite: bool = False,
+    adapter: str | os.PathLike | None = None,
     progress: bool = True,
 ):
     """Embed every image under ``images_dir`` and write the feature store (incrementally).
@@ -99,6 +100,10 @@ def extract_features(
     default (ResNet50, falling back to EfficientNet-Lite0 offline). Asking for a
     different backbone or configuration than ``out_csv`` holds is an error unless
     ``overwrite=True``: features of two models are never mixed in one file.
+
+    ``adapter`` (a file made by ``similar-finder adapt``) writes adapted vectors:
+    the backbone's, passed through the trained head. The sidecar records it, and
+    adapted and plain vectors are never mixed in one file.
 
     Returns the :class:`~similar_finder.library.Library`, opened, with
     ``library.stats`` (an :class:`ExtractionStats`) saying what this run did.
@@ -115,7 +120,13 @@ def extract_features(
         shutil.rmtree(files.partial, ignore_errors=True)
     previous = None if overwrite else _load_previous(files, root)
     in_progress = _read_partial_config(files.partial)
-    spec = _requested_spec(backbone, pooling, input_size, weights, previous or in_progress)
+    adapted_by = None
+    if adapter is not None:
+        from .adapt import load_adapter
+
+        adapted_by = load_adapter(adapter)
+    spec = _requested_spec(backbone, pooling, input_size, weights, previous or in_progress,
+                           adapted_by.record if adapted_by else None)
 
     scan = scan_images(root)
     if scan.empty:
@@ -136,6 +147,10 @@ def extract_features(
 
         model = build_backbone(spec["backbone"], pooling=spec["pooling"], input_size=spec["input_size"],
                                weights=spec["weights_arg"])
+        if adapted_by is not None:
+            from .adapt import AdaptedBackbone
+
+            model = AdaptedBackbone(model, adapted_by)
         config = model.config
         if previous is not None and previous["config"] != config:
             raise _mismatch_error(files, previous["config"], config)
@@ -163,8 +178,14 @@ def extract_features(
     return library
 
 
-def _requested_spec(backbone, pooling, input_size, weights, previous) -> dict:
+def _requested_spec(backbone, pooling, input_size, weights, previous, adapter=None) -> dict:
     """What to embed with; ``previous`` is the existing store, or the interrupted run's config."""
+    held = (previous or {}).get("config", {}).get("adapter")
+    if previous is not None and (held or {}).get("sha256") != (adapter or {}).get("sha256"):
+        if "files" not in previous:  # only checkpoints of an unfinished run: not the user's data
+            log.warning("discarding checkpoints of an unfinished run with another adapter")
+            return {**_requested_spec(backbone, pooling, input_size, weights, None), "discard_partial": True}
+        raise _mismatch_error(previous["files"], {"adapter": held}, {"adapter": adapter})
     if backbone is None and previous is not None:
         cfg = previous["config"]
         return {"backbone": cfg["backbone"], "pooling": cfg["pooling"],
@@ -410,6 +431,10 @@ def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
     pixels, _ = load_image(path, int(cfg["input_size"]))
     model = build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=int(cfg["input_size"]),
                            weights=weights_argument(cfg["weights"]))
+    if cfg.get("adapter"):
+        from .adapt import AdaptedBackbone, adapter_for
+
+        model = AdaptedBackbone(model, adapter_for(cfg["adapter"]))
     return model.embed(pixels[None])[0]
 
 

@@ -38,7 +38,7 @@ from .errors import MissingError, SimilarFinderError
 FORMAT_VERSION = 1
 FLOAT_FORMAT = "%.9g"  # 9 significant digits round-trip float32 exactly
 AUDIT_COLUMNS = ["path", "status", "detail", "size", "mtime_ns", "sha256"]
-CONFIG_KEYS = ("backbone", "weights", "input_size", "pooling", "dim")
+CONFIG_KEYS = ("backbone", "weights", "input_size", "pooling", "dim", "adapter")
 
 
 class FeaturesError(SimilarFinderError):
@@ -94,8 +94,8 @@ class StoredFeatures:
 
 
 def config_of(spec: dict) -> dict:
-    """The settings that must match for two feature sets to be comparable."""
-    return {k: spec[k] for k in CONFIG_KEYS}
+    """The settings that must match for two feature sets to be comparable (an adapter, when one is used)."""
+    return {k: spec[k] for k in CONFIG_KEYS if k in spec or k != "adapter"}
 
 
 def fingerprint(config: dict, paths, shas) -> str:
