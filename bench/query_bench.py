@@ -27,7 +27,7 @@ def _latencies(model, queries, k=5):
     answers = []
     for q in queries:
         t0 = time.perf_counter()
-        answers.append(model.kneighbors(q, k)[1][0])
+        answers.append(model.search(q, k)[1][0])
         times.append((time.perf_counter() - t0) * 1000)
     return np.median(times), np.percentile(times, 95), answers
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--indexes", default="brute,faiss")
+    parser.add_argument("--indexes", default="brute,brute+qe,faiss")
     args = parser.parse_args()
     print(f"{'library':>9} {'index':<7}{'fit s':>8}{'median ms':>11}{'p95 ms':>9}{'recall@5':>10}")
     rng = np.random.default_rng(0)
@@ -53,8 +53,10 @@ def main() -> None:
             (args.queries, args.dim), dtype=np.float32)
         reference = None
         for index in args.indexes.split(","):
+            expansion = 5 if index.endswith("+qe") else 0  # "brute+qe": alpha query expansion on top
             t0 = time.perf_counter()
-            model = Recommender("cosine", threshold=np.inf, index=index).fit(library)
+            model = Recommender("cosine", threshold=np.inf, gate=np.inf, index=index.removesuffix("+qe"),
+                                query_expansion=expansion).fit(library)
             fit = time.perf_counter() - t0
             _latencies(model, queries[:2])  # warm caches
             median, p95, answers = _latencies(model, queries)

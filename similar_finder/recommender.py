@@ -37,7 +37,7 @@ from ._io import DEFAULT_FEATURES
 from .errors import UsageError, check_choice, check_positive
 from .kinds import get_kind
 from .library import Library, as_library
-from .neighbors import METRICS, Neighbors, as_matrix
+from .neighbors import METRICS, Neighbors, as_matrix, own_rows
 from .thresholds import calibrate_threshold
 
 log = logging.getLogger(__name__)
@@ -113,15 +113,26 @@ class Recommender(Approach):
     ``gate=np.inf`` turns the gate off.
     ``index="faiss"`` uses a FAISS index (``pip install faiss-cpu``) for very
     large libraries: exact below 10k images, an inverted-file index above.
+
+    ``query_expansion=n`` (cosine only; off by default) re-ranks by alpha query
+    expansion: the query plus its ``n`` nearest photos, weighted by similarity
+    to the power ``alpha``, searched again. Distances are then those of the
+    expanded query; the gate still judges the original one. Measured on the
+    shared sets (n=5): precision@5 +0.000 to +0.003, mAP +0.001 to +0.020,
+    for a second search per query.
     """
 
     approach = "cosine"
 
     def __init__(self, metric: str | None = None, threshold: float | None = None, *, gate: float | None = None,
-                 kind: str = "cnn", center: bool = True, index: str = "brute", nprobe: int = 16):
+                 kind: str = "cnn", center: bool = True, index: str = "brute", nprobe: int = 16,
+                 query_expansion: int = 0, alpha: float = 3.0):
         self.kind = get_kind(kind).name
         self.metric = check_choice("metric", metric or get_kind(kind).metric, METRICS)
         self.threshold, self.gate, self.center, self.index, self.nprobe = threshold, gate, center, index, nprobe
+        if query_expansion and self.metric != "cosine":
+            raise UsageError("query expansion averages directions: it needs the cosine metric")
+        self.query_expansion, self.alpha = int(query_expansion), float(alpha)
         self.neighbors = Neighbors(self.metric, center=center, index=index, nprobe=nprobe)
 
     @classmethod
@@ -174,11 +185,35 @@ class Recommender(Approach):
 
     def search(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
         """``(distances, indices, gate_scores)``: :meth:`kneighbors` and how far each query is from the library."""
-        return self.neighbors.search(queries, n_neighbors, rows=rows)
+        distances, indices, gates = self.neighbors.search(queries, max(n_neighbors, self.query_expansion), rows=rows)
+        if self.query_expansion:
+            first = distances[:, :self.query_expansion], indices[:, :self.query_expansion]
+            return (*self._expanded(queries, first, n_neighbors, rows), gates)
+        return distances[:, :n_neighbors], indices[:, :n_neighbors], gates
+
+    def _expanded(self, queries, first, n_neighbors: int, rows):
+        """Alpha query expansion: search again with the query averaged with its nearest photos (``first``)."""
+        first_d, first_i = first
+        own = queries is None
+        start = self.neighbors.transform(self.raw_[own_rows(len(self.raw_), rows)] if own else queries)
+        library = self.neighbors.library_ if self.neighbors.library_ is not None else \
+            self.neighbors.transform(self.raw_)
+        weights = np.clip(1.0 - first_d, 0.0, None) ** self.alpha
+        expanded = start + np.einsum("qn,qnd->qd", weights, library[first_i])
+        # A raw vector whose transform is the expanded direction: the library mean plus that direction.
+        mean = self.neighbors.mean_ if self.neighbors.mean_ is not None else 0.0
+        raw = mean + expanded / np.linalg.norm(expanded, axis=1, keepdims=True)
+        distances, indices = self.neighbors.kneighbors(raw, n_neighbors + int(own))
+        if own:  # the library photo itself is not its own answer
+            rows = own_rows(len(self.raw_), rows)
+            keep = indices != rows[:, None]
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :n_neighbors]
+            distances, indices = np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+        return distances, indices
 
 
 def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: str | None = None, *,
-              kind: str = "cnn", library=DEFAULT_FEATURES) -> pd.DataFrame:
+              kind: str = "cnn", library=DEFAULT_FEATURES, expand: bool = False) -> pd.DataFrame:
     """The ``n_sample`` most similar library images to ``file``, closest first, under the threshold.
 
     Returns a DataFrame with ``path`` (relative to the images folder) and
@@ -187,17 +222,21 @@ def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: s
     ``"dhash"``, ``"phash"`` or ``"pixels"``; ``metric=None`` uses that kind's
     metric. ``library`` is a :class:`Library` or the feature CSV of the photos
     to search. ``threshold=None`` uses the threshold calibrated for this
-    library, else the unlabelled rule.
+    library, else the unlabelled rule. ``expand=True`` re-ranks by query
+    expansion (see :class:`Recommender`).
     """
     library = as_library(library)
-    model = _recommender_for(library, kind, metric)
+    model = _recommender_for(library, kind, metric, QUERY_EXPANSION if expand else 0)
     return model.recommend(file, n_sample, threshold)
 
 
-def _recommender_for(library: Library, kind: str, metric: str | None) -> Recommender:
-    # One recommender per library version, kind, metric and stored threshold, reused across calls.
+QUERY_EXPANSION = 5  # neighbours averaged into the query by recommend(expand=True)
+
+
+def _recommender_for(library: Library, kind: str, metric: str | None, expansion: int) -> Recommender:
+    # One recommender per library version, kind, metric, expansion and stored threshold, reused across calls.
     metric = check_choice("metric", metric or get_kind(kind).metric, METRICS)
-    key = (kind, metric, repr(library.threshold_for(kind, metric, True)))
+    key = (kind, metric, expansion, repr(library.threshold_for(kind, metric, True)))
     if key not in library.models:
-        library.models[key] = Recommender(metric, kind=kind).fit(library)
+        library.models[key] = Recommender(metric, kind=kind, query_expansion=expansion).fit(library)
     return library.models[key]

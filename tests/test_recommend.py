@@ -143,3 +143,22 @@ def test_errors_are_specific(library, tmp_path):
         recommend(query, metric="cosin", library=library)
     with pytest.raises(ValueError, match="FAISS index supports"):
         Recommender("manhattan", index="faiss").fit(np.ones((5, 3)))
+
+
+def test_query_expansion_reranks_without_ever_returning_the_query(library, food_db):
+    from similar_finder.evaluate import retrieval_scores
+
+    opened = Library(library)
+    labels = labels_of(opened.paths)
+    rows = np.arange(len(opened))
+    scores = {}
+    for expansion in (0, 5):
+        model = Recommender(threshold=np.inf, gate=np.inf, query_expansion=expansion).fit(opened)
+        distances, indices, _ = model.search(None, 5, rows=rows)
+        assert not (indices == rows[:, None]).any() and (np.diff(distances, axis=1) >= 0).all()
+        scores[expansion] = retrieval_scores(list(indices), labels, 5)["precision@5"]
+    assert scores[5] >= scores[0] - 1e-9
+    result = recommend(food_db / opened.paths[0], 3, threshold=2.0, library=library, expand=True)
+    assert len(result) == 3 and opened.paths[0] not in set(result["path"])
+    with pytest.raises(ValueError, match="needs the cosine metric"):
+        Recommender("manhattan", query_expansion=5)

@@ -1,0 +1,103 @@
+"""Adapting the embedding to the user's labelled photos: quality on real features, and the plumbing."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import FOOD_QUERIES, make_images
+from similar_finder import Library, extract_features, recommend
+from similar_finder.adapt import AdapterError, adapt, class_split, compare_adapted, stratified_split
+from similar_finder.cli import main
+from similar_finder.store import FeaturesError
+
+
+def test_splits_are_stratified_and_disjoint():
+    labels = np.array(["a"] * 10 + ["b"] * 4 + ["c"] * 2)
+    train, test = stratified_split(labels, 0.5)
+    assert not set(train) & set(test) and len(train) + len(test) == 16
+    assert sorted(pd.Series(labels[test]).value_counts().to_dict().items()) == [("a", 5), ("b", 2), ("c", 1)]
+    train, test = class_split(labels, 0.5)
+    assert not set(labels[train]) & set(labels[test]) and len(set(labels[test])) == 2
+
+
+def test_adapting_lifts_retrieval_on_photos_it_never_saw(clothing_features):
+    library = Library(clothing_features)
+    labels = library.labels()
+    train, test = stratified_split(labels, 0.5)
+    plain, adapted = compare_adapted(library.matrix, labels, train, test)
+    assert plain["precision@5"] < 0.75 and adapted["precision@5"] >= plain["precision@5"] + 0.08, (plain, adapted)
+    assert adapted["mAP"] >= plain["mAP"] + 0.15
+
+
+@pytest.fixture(scope="module")
+def adapter(food_features, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter")
+    shutil.copytree(food_features.parent, folder / "feat")
+    result = adapt(Library(food_features).root, folder / "adapter.keras", features_csv=folder / "feat" /
+                   food_features.name, backbone="efficientnet_lite0", epochs=15, progress=False)
+    return result
+
+
+def test_adapt_saves_a_head_and_says_what_it_did(adapter):
+    assert adapter.path.is_file() and adapter.path.with_suffix(".json").is_file()
+    info = json.loads(adapter.path.with_suffix(".json").read_text())
+    assert info["backbone"]["backbone"] == "efficientnet_lite0" and len(info["classes"]) == 6
+    # 36 photos: too few to learn from, so the blend must not do worse than the plain features
+    assert adapter.after["precision@5"] >= adapter.before["precision@5"]
+    assert 0 <= info["plain_weight"] <= 1 and info["sha256"]
+
+
+def test_extract_with_an_adapter_writes_adapted_vectors_and_embeds_new_photos_the_same_way(adapter, food_db,
+                                                                                           tmp_path):
+    adapted = extract_features(food_db, tmp_path / "adapted.csv", "efficientnet_lite0", adapter=adapter.path,
+                               progress=False)
+    record = adapted.config["adapter"]
+    assert record["sha256"] == json.loads(adapter.path.with_suffix(".json").read_text())["sha256"]
+    assert adapted.matrix.shape[1] == record["dim"]
+    np.testing.assert_allclose(np.linalg.norm(adapted.matrix, axis=1), 1.0, atol=1e-4)  # the adapter's unit vectors
+    described = adapted.describer()(food_db / adapted.paths[3])  # a library photo embedded as a new one
+    np.testing.assert_allclose(described, adapted.matrix[3], atol=1e-4)
+    result = recommend(FOOD_QUERIES / "burger_test.jpeg", 3, library=adapted)
+    assert result["path"][0].startswith("burger/")
+
+
+def test_adapted_and_plain_vectors_are_never_mixed(adapter, food_db, tmp_path):
+    extract_features(food_db, tmp_path / "plain.csv", "efficientnet_lite0", progress=False)
+    with pytest.raises(FeaturesError, match="cannot be mixed"):
+        extract_features(food_db, tmp_path / "plain.csv", "efficientnet_lite0", adapter=adapter.path, progress=False)
+    extract_features(food_db, tmp_path / "adapted.csv", "efficientnet_lite0", adapter=adapter.path, progress=False)
+    with pytest.raises(FeaturesError, match="cannot be mixed"):
+        extract_features(food_db, tmp_path / "adapted.csv", "efficientnet_lite0", progress=False)
+
+
+def test_an_adapter_is_refused_with_another_backbone_and_when_its_file_changed(adapter, tmp_path):
+    make_images(tmp_path / "photos", 3)
+    with pytest.raises(AdapterError, match="was trained on"):
+        extract_features(tmp_path / "photos", tmp_path / "f.csv", "efficientnet_lite0", input_size=64,
+                         adapter=adapter.path, progress=False)
+    moved = tmp_path / "adapter.keras"
+    shutil.copy(adapter.path, moved)
+    shutil.copy(adapter.path.with_suffix(".json"), moved.with_suffix(".json"))
+    make_images(tmp_path / "more", 4)
+    library = extract_features(tmp_path / "more", tmp_path / "g.csv", "efficientnet_lite0", adapter=moved,
+                               progress=False)
+    moved.write_bytes(b"not the adapter any more")
+    with pytest.raises(AdapterError, match="no longer there as it was"):
+        library.describer()(tmp_path / "photos" / "img0000.jpg")
+
+
+def test_evaluate_compares_plain_and_adapted_and_unseen_classes(food_db, food_features, tmp_path, capsys):
+    assert main(["evaluate", str(food_db), "--features-file", str(food_features), "--out", str(tmp_path),
+                 "--adapt-split", "0.5", "--adapt-unseen-classes", "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "evaluation-adaptation.csv")
+    assert list(table["features"]) == ["plain", "adapted"] * 2
+    assert table["test photos"].nunique() == 2 and (table["precision@5"].between(0, 1)).all()
+    assert "adapted to the labelled photos" in capsys.readouterr().out
+
+
+def test_adapt_command_and_fine_tuning_not_yet_available(food_db, tmp_path, capsys):
+    assert main(["adapt", str(food_db), "--out", str(tmp_path / "a.keras"), "--backbone", "efficientnet_lite0",
+                 "--features-file", str(tmp_path / "f.csv"), "--fine-tune-blocks", "2", "--quiet"]) == 2
+    assert "not available yet" in capsys.readouterr().err
