@@ -13,4 +13,8 @@ if not IMAGES.is_dir():  # not in a checkout with the shared photos: use the emb
     IMAGES = ensure_demo_library(CHECKOUT / "data" / "demo")
 WORK = CHECKOUT / "data" / "notebooks"  # features, models and scratch files of the notebooks
 FEATURES = WORK / f"{IMAGES.name}.csv"
+# Notebook 6 adapts the embedding to labelled photos: many photos per class show it best.
+ADAPT_IMAGES = CHECKOUT.parent / "shared" / "data" / "clothing"
+if not ADAPT_IMAGES.is_dir():
+    ADAPT_IMAGES = IMAGES
 BACKBONE = "efficientnet_lite0"  # works offline; "resnet50" or "vgg19" with internet or a weights file

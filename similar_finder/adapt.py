@@ -261,7 +261,10 @@ def _embed(model, features: np.ndarray, mean=None, std=None) -> np.ndarray:
     x = np.asarray(features, np.float32)
     if mean is not None:
         x = (x - mean) / std
-    return np.asarray(model.predict(x, batch_size=1024, verbose=0), np.float32)
+    # Called directly, not with predict(): that compiles a function per model, and training makes many.
+    return np.concatenate([np.asarray(model(x[i:i + 4096], training=False), np.float32)
+                           for i in range(0, len(x), 4096)]) if len(x) else np.zeros((0, model.output_shape[-1]),
+                                                                                      np.float32)
 
 
 # --- the saved adapter ---------------------------------------------------------------------

@@ -5,7 +5,9 @@ notebook) and :func:`save_figure` writes one atomically:
 ``recommendation_grid`` (a query and its results), ``image_rows`` (rows of
 thumbnails, e.g. one per cluster), ``tsne_map`` (the library's
 feature space in 2-D, from ``tsne_embedding`` or ``umap_embedding``), ``silhouette_curve`` (silhouette against k) and
-``distance_histogram`` (nearest-neighbour distances with the threshold).
+``distance_histogram`` (nearest-neighbour distances with the threshold),
+``threshold_tradeoff`` (what a labelled threshold trades), ``contact_sheet``
+(a library's photos, a row per class) and ``score_bars`` (a comparison table as bars).
 """
 from __future__ import annotations
 
@@ -217,4 +219,40 @@ def threshold_tradeoff(curve: dict, chosen: float, *, youden: float | None = Non
     ax.set_title("What the threshold trades")
     ax.legend(fontsize=8, loc="center right")
     ax.grid(alpha=0.3)
+    return fig
+
+
+def contact_sheet(library, *, per_row: int = 10, rows_per_class: int = 1, max_rows: int = 12) -> Figure:
+    """The photos of a :class:`Library` at a glance: a row per class (its first photos), or rows in file order."""
+    labels = library.labels()
+    rows: dict[str, list[str]] = {}
+    if labels is None:
+        for start in range(0, min(len(library), per_row * max_rows), per_row):
+            rows[f"photos {start + 1}-{min(start + per_row, len(library))}"] = library.paths[start:start + per_row]
+    else:
+        for label in sorted(set(labels))[:max_rows]:
+            paths = [p for p, own in zip(library.paths, labels) if own == label]
+            rows[f"{label} ({len(paths)})"] = paths[:per_row * rows_per_class]
+    return image_rows(rows, library.root, per_row=per_row)
+
+
+def score_bars(table: pd.DataFrame, columns=("precision@5", "mAP"), *, label: str = "method",
+               title: str = "") -> Figure:
+    """A comparison table as grouped horizontal bars, one group per row of ``table``."""
+    columns = [c for c in columns if c in table]
+    fig = Figure(figsize=(8, 0.45 * len(table) * len(columns) + 1.2))
+    ax = fig.add_subplot()
+    height = 0.8 / len(columns)
+    positions = np.arange(len(table))
+    for i, column in enumerate(columns):
+        values = table[column].to_numpy(float)
+        bars = ax.barh(positions + i * height, values, height, label=column, color=_palette("tab10", i))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.set_yticks(positions + height * (len(columns) - 1) / 2, [str(v) for v in table[label]], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.08)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title)
     return fig
