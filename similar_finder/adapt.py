@@ -16,6 +16,11 @@ The head: Dense(512, ReLU) → Dense(``dim``) → unit length. Losses:
 * ``"supcon"`` – supervised contrastive (Khosla et al., 2020): in each batch,
   photos of one class are pulled together and the rest pushed apart.
 
+``fine_tune_blocks=N`` also trains the backbone's last N blocks (a copy of
+them, inside the adapter), on the photos and their mirror images; the
+adapter then takes the activations that feed those blocks, and extraction
+stops the backbone there.
+
 Command line: ``similar-finder adapt LABELLED_DIR --out models/adapter.keras``.
 """
 from __future__ import annotations
@@ -148,38 +153,58 @@ def _supcon_loss(embeddings, labels, temperature: float):
 
 
 def train_head(features: np.ndarray, labels: np.ndarray, *, validation: tuple[np.ndarray, np.ndarray] | None = None,
-               loss: str = "arcface", dim: int = 128, hidden: int = 512, epochs: int = 60, patience: int = 8,
-               learning_rate: float = 1e-3, dropout: float = 0.2, per_class: int = 8, classes_per_batch: int = 16,
-               random_state: int = 0):
-    """Train the head on ``features`` (N x D) with ``labels``; returns ``(head, epochs run)``.
+               dim: int = 128, hidden: int = 512, dropout: float = 0.2, random_state: int = 0, **training):
+    """Train a head on frozen ``features`` (N x D); returns ``(head, epochs run)``.
 
-    ``validation`` (features, labels) of other photos decides when to stop: the
-    weights of the epoch with the best precision@5 of those photos searched
-    among the training photos are kept.
+    Inputs are standardised with the training photos' statistics, kept inside
+    the returned model, which takes raw features. ``training``: see :func:`train_embedding`.
+    """
+    import keras
+
+    features = np.asarray(features, np.float32)
+    keras.utils.set_random_seed(random_state)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    head = _head(features.shape[1], dim, hidden, dropout)
+    validation = None if validation is None else ((validation[0] - mean) / std, validation[1])
+    run = train_embedding(head, (features - mean) / std, labels, validation=validation, dim=dim,
+                          random_state=random_state, **training)
+    return _with_standardisation(head, mean, std), run
+
+
+def train_embedding(body, inputs: np.ndarray, labels, *, validation=None, flipped: np.ndarray | None = None,
+                    loss: str = "arcface", dim: int = 128, epochs: int = 60, patience: int = 15,
+                    learning_rate: float = 1e-3, per_class: int = 8, classes_per_batch: int = 16,
+                    random_state: int = 0) -> int:
+    """Train ``body`` (inputs -> unit vectors of ``dim``) with a metric-learning loss; returns the epochs run.
+
+    Batches are class-balanced: ``classes_per_batch`` classes x ``per_class``
+    photos. ``flipped`` (the inputs of the mirrored photos) is drawn instead of
+    ``inputs`` half of the time, as augmentation. ``validation`` (inputs,
+    labels) of other photos decides when to stop: the weights of the epoch with
+    the best precision@5 of those photos searched among the training photos are kept.
     """
     import keras
     from keras import ops
 
     check_choice("loss", loss, LOSSES)
-    features = np.asarray(features, np.float32)
     classes, encoded = np.unique(np.asarray(labels), return_inverse=True)
     if len(classes) < 2:
         raise UsageError("adapting needs at least two classes (one subfolder per class)")
-    keras.utils.set_random_seed(random_state)
-    # Inputs are standardised with the training photos' statistics, stored in the head itself.
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    head = _head(features.shape[1], dim, hidden, dropout)
-    trainable = list(head.trainable_variables)
+    trainable = list(body.trainable_variables)
     centres = None
     if loss == "arcface":
         centres = keras.Variable(keras.random.normal((len(classes), dim), seed=random_state), name="centres")
         trainable.append(centres)
     optimizer = keras.optimizers.Adam(learning_rate)
     optimizer.build(trainable)
-    x = (features - mean) / std
+    rng = np.random.default_rng(random_state)
 
     def batch_loss(rows):
-        embeddings = head(x[rows], training=True)
+        batch = inputs[rows]
+        if flipped is not None:
+            mirrored = rng.random(len(rows)) < 0.5
+            batch = np.where(mirrored.reshape(-1, *[1] * (batch.ndim - 1)), flipped[rows], batch)
+        embeddings = body(batch, training=True)
         if loss == "arcface":
             onehot = ops.one_hot(encoded[rows], len(classes))
             logits = _arcface_logits(embeddings, onehot, centres, scale=30.0, margin=0.3)
@@ -187,23 +212,22 @@ def train_head(features: np.ndarray, labels: np.ndarray, *, validation: tuple[np
         return _supcon_loss(embeddings, ops.convert_to_tensor(encoded[rows]), temperature=0.1)
 
     step = _train_step(batch_loss, trainable, optimizer)
-    rng = np.random.default_rng(random_state)
-    best, best_weights, waited, run = -1.0, head.get_weights(), 0, 0
+    best, best_weights, waited, run = -1.0, body.get_weights(), 0, 0
     for run in range(1, epochs + 1):
         for rows in _balanced_batches(encoded, classes_per_batch, per_class, rng):
             step(rows)
         if validation is None:
             continue
-        score = retrieval_against(_embed(head, validation[0], mean, std), validation[1],
-                                  _embed(head, features, mean, std), labels, center=False)["precision@5"]
+        score = retrieval_against(_embed(body, validation[0]), validation[1], _embed(body, inputs), labels,
+                                  center=False)["precision@5"]
         if score > best + 1e-4:
-            best, best_weights, waited = score, head.get_weights(), 0
+            best, best_weights, waited = score, body.get_weights(), 0
         else:
             waited += 1
             if waited >= patience:
                 break
-    head.set_weights(best_weights)
-    return _with_standardisation(head, mean, std), run
+    body.set_weights(best_weights)
+    return run
 
 
 def _train_step(batch_loss, variables, optimizer):
@@ -257,10 +281,8 @@ def _with_standardisation(head, mean, std):
     return keras.Model(inputs, head(scaled), name="similar_finder_adapter")
 
 
-def _embed(model, features: np.ndarray, mean=None, std=None) -> np.ndarray:
+def _embed(model, features: np.ndarray) -> np.ndarray:
     x = np.asarray(features, np.float32)
-    if mean is not None:
-        x = (x - mean) / std
     # Called directly, not with predict(): that compiles a function per model, and training makes many.
     return np.concatenate([np.asarray(model(x[i:i + 4096], training=False), np.float32)
                            for i in range(0, len(x), 4096)]) if len(x) else np.zeros((0, model.output_shape[-1]),
@@ -284,8 +306,10 @@ class Adapter:
         except Exception as exc:  # Keras reports a bad file with assorted exception types
             raise AdapterError(f"cannot read the adapter {self.path}: {exc}") from exc
         self.sha256 = file_sha256(self.path)
-        self.input_dim = int(self.model.input_shape[-1])
+        self.input_shape = tuple(self.model.input_shape[1:])
+        self.input_dim = int(self.input_shape[-1])
         self.dim = int(self.model.output_shape[-1])
+        self.cut = self.info.get("cut")  # fine-tuned: the backbone layer whose activations it takes
 
     @property
     def record(self) -> dict:
@@ -295,13 +319,17 @@ class Adapter:
     def check_backbone(self, config: dict) -> None:
         """Refuse a backbone other than the one the adapter was trained on."""
         trained = {k: v for k, v in (self.info.get("backbone") or {}).items() if k != "adapter"}
-        if self.input_dim != config["dim"] or (trained and trained != {k: config[k] for k in trained}):
+        input_fits = self.cut is not None or self.input_dim == config["dim"]
+        if not input_fits or (trained and trained != {k: config[k] for k in trained}):
             raise AdapterError(f"the adapter {self.path} was trained on {trained or f'{self.input_dim}-d features'}, "
                                f"not on {config}; train one for this backbone with `similar-finder adapt`")
 
     def transform(self, features: np.ndarray) -> np.ndarray:
-        features = np.atleast_2d(np.asarray(features, np.float32))
-        if features.shape[1] != self.input_dim:
+        """Backbone vectors (or, for a fine-tuned adapter, the activations at ``cut``) to adapted vectors."""
+        features = np.asarray(features, np.float32)
+        if features.ndim == 1:
+            features = features[None]
+        if features.shape[1:] != self.input_shape:
             raise AdapterError(f"the adapter {self.path} takes {self.input_dim}-d features, got "
                                f"{features.shape[1]}-d; use it with the backbone it was trained on "
                                f"({self.info.get('backbone', {}).get('backbone', 'see its .json')})")
@@ -333,6 +361,8 @@ class AdaptedBackbone:
         return {**self.backbone.config, "dim": self.adapter.dim, "adapter": self.adapter.record}
 
     def embed(self, images: np.ndarray) -> np.ndarray:
+        if self.adapter.cut is not None:  # fine-tuned: its own copy of the last blocks takes over from there
+            return self.adapter.transform(self.backbone.embed_trunk(images, self.adapter.cut))
         return self.adapter.transform(self.backbone.embed(images))
 
 
@@ -385,48 +415,106 @@ def save_head(model, path: Path, info: dict) -> Path:
 PLAIN_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
-def blended_model(head, weight: float):
+def blended_model(head, weight: float, plain=None):
     """The adapter as saved: ``sqrt(1-w)`` x the head's unit vector beside ``sqrt(w)`` x the plain unit
-    vector, so that cosine similarity is ``(1-w)`` adapted + ``w`` plain. The plain part is not centred:
+    vector, so that cosine similarity is ``(1-w)`` adapted + ``w`` plain. ``plain`` maps the adapter's
+    input to the plain vector (default: the input is the plain vector). The plain part is not centred:
     the recommender centres for ranking, and its domain gate needs the uncentred vectors."""
     import keras
 
     if weight <= 0:
         return head
     inputs = keras.Input(head.input_shape[1:], name="features")
-    plain = keras.layers.UnitNormalization(name="plain_unit")(inputs)
-    parts = [keras.layers.Rescaling(float(np.sqrt(weight)), name="plain_weight")(plain)]
+    unit = keras.layers.UnitNormalization(name="plain_unit")(inputs if plain is None else plain(inputs))
+    parts = [keras.layers.Rescaling(float(np.sqrt(weight)), name="plain_weight")(unit)]
     if weight < 1:
         parts.append(keras.layers.Rescaling(float(np.sqrt(1 - weight)), name="adapted_weight")(head(inputs)))
     outputs = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="blend")(parts)
     return keras.Model(inputs, outputs, name="similar_finder_adapter")
 
 
+def copy_tail(layers, input_shape, *, trainable: bool, prefix: str):
+    """The backbone's last ``layers`` as a model of their own, with their pretrained weights.
+
+    Batch normalisation keeps its ImageNet statistics (a few thousand photos
+    would only make them worse); with ``trainable`` the convolutions learn.
+    """
+    import keras
+
+    inputs = keras.Input(input_shape)
+    x = inputs
+    copies = []
+    for layer in layers:
+        config = {**layer.get_config(), "name": prefix + layer.name}
+        copy = layer.__class__.from_config(config)
+        frozen = isinstance(copy, keras.layers.BatchNormalization) or not trainable
+        x = copy(x, training=False) if isinstance(copy, keras.layers.BatchNormalization) else copy(x)
+        copy.set_weights(layer.get_weights())
+        copy.trainable = not frozen
+        copies.append(copy)
+    return keras.Model(inputs, x, name=prefix + "tail")
+
+
 def fit_adapter(features: np.ndarray, labels, *, loss: str = "arcface", epochs: int = 60, dim: int = 128,
-                random_state: int = 0):
+                random_state: int = 0, tail=None, flipped: np.ndarray | None = None):
     """Train a head on ``features`` with ``labels`` and blend it with the plain features.
 
     A stratified fifth is held out. It stops the training, then picks how much
-    of the plain (centred) features to keep beside the head's output: on a
-    handful of photos a head can only overfit, and the blend falls back on the
-    plain features instead of making results worse. Returns ``(model, report)``;
+    of the plain features to keep beside the head's output: on a handful of
+    photos a head can only overfit, and the blend falls back on the plain
+    features instead of making results worse. Returns ``(model, report)``;
     ``report`` has the held-out photos' precision@5 and mAP, plain and adapted
     (searched among the training photos), the plain weight and the epochs run.
+
+    With ``tail`` (the backbone's last layers, see :meth:`Backbone.tail`),
+    ``features`` are the activations that feed them (``flipped``: of the
+    mirrored photos) and those layers are fine-tuned together with the head.
     """
+    import keras
+
     features, labels = np.asarray(features, np.float32), np.asarray(labels)
     fit, held = stratified_split(labels, VALIDATION_SHARE, random_state=random_state + 1)
-    head, run = train_head(features[fit], labels[fit], loss=loss, epochs=epochs, dim=dim,
-                           validation=(features[held], labels[held]), random_state=random_state)
+    plain = None
+    if tail is None:
+        head, run = train_head(features[fit], labels[fit], loss=loss, epochs=epochs, dim=dim,
+                               validation=(features[held], labels[held]), random_state=random_state)
+    else:
+        keras.utils.set_random_seed(random_state)
+        shape = features.shape[1:]
+        tuned = copy_tail(tail, shape, trainable=True, prefix="tuned")
+        inputs = keras.Input(shape, name="activations")
+        head = keras.Model(inputs, _head(tuned.output_shape[-1], dim, 512, 0.2)(tuned(inputs)), name="tuned_head")
+        run = train_embedding(head, features[fit], labels[fit], validation=(features[held], labels[held]),
+                              flipped=None if flipped is None else flipped[fit], loss=loss, dim=dim,
+                              epochs=epochs, learning_rate=3e-4, random_state=random_state)
+        plain = copy_tail(tail, shape, trainable=False, prefix="plain")
     scores = {}
     for weight in PLAIN_WEIGHTS:
-        model = blended_model(head, weight)
+        model = blended_model(head, weight, plain)
         scores[weight] = retrieval_against(_embed(model, features[held]), labels[held],
                                            _embed(model, features[fit]), labels[fit])
     # The best held-out precision; among equals, the most plain (the least that can go wrong).
     weight = max(PLAIN_WEIGHTS, key=lambda w: (round(scores[w]["precision@5"], 6), w))
     report = {"plain": scores[1.0], "adapted": scores[weight], "plain_weight": weight, "epochs": run,
               "train": int(len(fit)), "held_out": int(len(held))}
-    return blended_model(head, weight), report
+    return blended_model(head, weight, plain), report
+
+
+def trunk_activations(backbone, layer: str, root: Path, paths: list[str], batch_size: int = 32):
+    """The activations of ``layer`` for every photo, and for every photo mirrored: ``(activations, flipped)``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .features import default_workers
+    from .images import load_image
+
+    out, mirrored = [], []
+    with ThreadPoolExecutor(default_workers()) as pool:
+        for start in range(0, len(paths), batch_size):
+            batch = np.stack(list(pool.map(lambda p: load_image(root / p, backbone.input_size)[0],
+                                           paths[start:start + batch_size])))
+            out.append(backbone.embed_trunk(batch, layer))
+            mirrored.append(backbone.embed_trunk(batch[:, :, ::-1], layer))
+    return np.concatenate(out), np.concatenate(mirrored)
 
 
 def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAULT_ADAPTER, *,
@@ -438,12 +526,11 @@ def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAU
     Photos are embedded with ``backbone`` (incrementally, into ``features_csv``,
     default ``data/adapt/<folder>.csv``); :func:`fit_adapter` trains and blends
     the head, and its held-out scores before and after are returned (and logged).
+    ``fine_tune_blocks=N`` also fine-tunes the backbone's last N blocks, on the
+    photos and their mirror images (slower: every photo is decoded again).
     """
     from .features import extract_features
 
-    if fine_tune_blocks:
-        raise UsageError("fine-tuning backbone blocks (--fine-tune-blocks > 0) is not available yet; "
-                         "the adapter trains on frozen features (--fine-tune-blocks 0)")
     labelled_dir = Path(labelled_dir)
     if features_csv is None:
         features_csv = DATA_DIR / "adapt" / f"{labelled_dir.resolve().name}.csv"
@@ -451,7 +538,14 @@ def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAU
     if library.config and library.config.get("adapter"):
         raise AdapterError(f"{features_csv} holds adapted vectors; adapt from plain backbone features")
     labels = library.labels(required=True)
-    model, report = fit_adapter(library.matrix, labels, loss=loss, epochs=epochs, dim=dim)
+    tuning = {}
+    if fine_tune_blocks:
+        (tail, activations, flipped), cut = fine_tuning_inputs(library, fine_tune_blocks)
+        model, report = fit_adapter(activations, labels, loss=loss, epochs=epochs, dim=dim, tail=tail,
+                                    flipped=flipped)
+        tuning = {"fine_tune_blocks": int(fine_tune_blocks), "cut": cut}
+    else:
+        model, report = fit_adapter(library.matrix, labels, loss=loss, epochs=epochs, dim=dim)
     before, after = report["plain"], report["adapted"]
     log.info("held-out precision@5: %.3f plain, %.3f adapted (plain weight %.1f, %d epochs)",
              before["precision@5"], after["precision@5"], report["plain_weight"], report["epochs"])
@@ -459,19 +553,41 @@ def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAU
         log.warning("the head did not beat the plain features on the held-out photos (too few photos per "
                     "class?); the adapter passes the plain features through")
     info = {"backbone": library.config, "loss": loss, "dim": dim, "classes": sorted(set(labels)),
-            "trained_on": str(labelled_dir.resolve()), **report}
+            "trained_on": str(labelled_dir.resolve()), **tuning, **report}
     path = save_head(model, Path(out), info) if out is not None else None
     return AdaptResult(path, before, after, report["epochs"], info)
 
 
 def compare_adapted(matrix: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, *,
-                    loss: str = "arcface", k: int = SCORE_K) -> tuple[dict, dict]:
-    """Fit an adapter on rows ``train``, score retrieval among rows ``test``: ``(plain, adapted)``."""
+                    loss: str = "arcface", k: int = SCORE_K, tuning=None) -> tuple[dict, dict]:
+    """Fit an adapter on rows ``train``, score retrieval among rows ``test``: ``(plain, adapted)``.
+
+    ``tuning``: ``(tail, activations, flipped)`` to fine-tune the backbone's last blocks too.
+    """
     labels = np.asarray(labels)
-    model, _ = fit_adapter(matrix[train], labels[train], loss=loss)
+    inputs = matrix
+    if tuning is None:
+        model, _ = fit_adapter(matrix[train], labels[train], loss=loss)
+    else:
+        tail, inputs, flipped = tuning
+        model, _ = fit_adapter(inputs[train], labels[train], loss=loss, tail=tail, flipped=flipped[train])
     plain = retrieval_among(matrix[test], labels[test], k=k)
-    adapted = retrieval_among(_embed(model, matrix[test]), labels[test], k=k)
+    adapted = retrieval_among(_embed(model, inputs[test]), labels[test], k=k)
     return plain, adapted
+
+
+def fine_tuning_inputs(library, blocks: int):
+    """``(tail, activations, flipped)`` of a library's photos for fine-tuning its backbone's last ``blocks``."""
+    from .backbones import build_backbone
+    from .features import weights_argument
+
+    cfg = library.config
+    if not cfg:
+        raise AdapterError(f"{library.files.csv} has no sidecar: the backbone to fine-tune is unknown")
+    backbone = build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=cfg["input_size"],
+                              weights=weights_argument(cfg["weights"]))
+    cut, tail = backbone.tail(blocks)
+    return (tail, *trunk_activations(backbone, cut, library.root, library.paths)), cut
 
 
 if __name__ == "__main__":

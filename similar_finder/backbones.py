@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,10 @@ _KERAS_WEIGHT_FILES = {
 }
 
 
+# Names of the layers that start a block: EfficientNet-Lite's ports, Keras's VGG and ResNet.
+_BLOCK_NAME = re.compile(r"^(_blocks\.\d+|_conv_head|block\d+|conv\d+_block\d+)")
+
+
 class BackboneError(SimilarFinderError, RuntimeError):
     """A backbone could not be built as asked."""
 
@@ -49,6 +54,7 @@ class Backbone:
     weights_source: str
     model: object = field(repr=False)
     preprocess: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    _trunks: dict = field(default_factory=dict, repr=False)
 
     @property
     def dim(self) -> int:
@@ -69,6 +75,48 @@ class Backbone:
         """Embed a batch of ``(n, input_size, input_size, 3)`` uint8 RGB images."""
         x = self.preprocess(np.asarray(images, dtype="float32"))
         return np.asarray(self.model.predict_on_batch(x), dtype="float32")
+
+    def tail(self, blocks: int) -> tuple[str, list]:
+        """The network's last ``blocks`` blocks, for fine-tuning: ``(layer feeding them, their layers)``.
+
+        Only a plain chain of layers can be cut off this way (no skip connection
+        across the cut): EfficientNet-Lite0's last block and head, VGG19's blocks.
+        """
+        chain, layer = [], self.model.layers[-1]
+        while True:
+            chain.insert(0, layer)
+            parents = [node.operation for node in layer._inbound_nodes[0].parent_nodes]
+            if len(parents) != 1 or len(parents[0]._outbound_nodes) != 1 or not parents[0]._inbound_nodes[0].parent_nodes:
+                break
+            layer = parents[0]
+        if len(chain[0]._inbound_nodes[0].parent_nodes) != 1:
+            chain = chain[1:]  # a layer joining two branches (a residual add) cannot be cut before
+        starts, current = [], None
+        for i, candidate in enumerate(chain):
+            match = _BLOCK_NAME.match(candidate.name)
+            if match and match.group(1) != current and candidate.weights:  # a block starts with weights
+                starts.append(i)
+                current = match.group(1)
+        if not starts:
+            raise BackboneError(f"{self.name} cannot fine-tune its last blocks: a skip connection crosses every cut")
+        if not 1 <= blocks <= len(starts):
+            raise BackboneError(f"{self.name} can fine-tune 1 to {len(starts)} of its last blocks, not {blocks}")
+        start = starts[-blocks]
+        feeding = chain[start - 1] if start else chain[0]._inbound_nodes[0].parent_nodes[0].operation
+        return feeding.name, chain[start:]
+
+    def trunk(self, layer: str):
+        """The network up to ``layer``'s output (built once per process and layer)."""
+        import keras
+
+        if layer not in self._trunks:
+            self._trunks[layer] = keras.Model(self.model.input, self.model.get_layer(layer).output)
+        return self._trunks[layer]
+
+    def embed_trunk(self, images: np.ndarray, layer: str) -> np.ndarray:
+        """``layer``'s activations for a batch of uint8 RGB images."""
+        x = self.preprocess(np.asarray(images, dtype="float32"))
+        return np.asarray(self.trunk(layer).predict_on_batch(x), dtype="float32")
 
 
 def build_backbone(
@@ -191,7 +239,8 @@ def efficientnet_lite0(input_size: int = 224, pooling: str | None = "avg", inclu
         else:
             x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{prefix}{conv}")(x)
         x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{prefix}{bn}")(x)
-        return layers.ReLU(6.0)(x) if act else x
+        # Every layer is named: fine-tuned adapters find their cut by name, in any process.
+        return layers.ReLU(6.0, name=f"{prefix}{bn}_relu6")(x) if act else x
 
     inputs = keras.Input((input_size, input_size, 3))
     x = conv_bn(inputs, 32, 3, 2, "", "_conv_stem", "_bn0")
@@ -206,7 +255,7 @@ def efficientnet_lite0(input_size: int = 224, pooling: str | None = "avg", inclu
             h = conv_bn(h, None, kernel, block_stride, prefix, "_depthwise_conv", "_bn1", depthwise=True)
             h = conv_bn(h, out_channels, 1, 1, prefix, "_project_conv", "_bn2", act=False)
             if block_stride == 1 and channels == out_channels:
-                h = layers.Add()([x, h])
+                h = layers.Add(name=f"{prefix}add")([x, h])
             x, channels, index = h, out_channels, index + 1
     x = conv_bn(x, 1280, 1, 1, "", "_conv_head", "_bn1")
     if include_top:

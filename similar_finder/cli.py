@@ -114,7 +114,8 @@ def _evaluate(args) -> None:
     others = [b for b in args.other_backbones.split(",") if b]
     evaluation = evaluate(args.labelled_dir, features_csv=args.features_file, other_backbones=others,
                           other_domains=args.ood, adapt_split=args.adapt_split,
-                          adapt_unseen_classes=args.adapt_unseen_classes, k=args.k, out_dir=args.out,
+                          adapt_unseen_classes=args.adapt_unseen_classes, fine_tune_blocks=args.fine_tune_blocks,
+                          k=args.k, out_dir=args.out,
                           progress=not args.quiet, **_backbone_kwargs(args))
     print(f"\nbackbone: {evaluation.backbone}")
     print(evaluation.to_markdown())
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapted retrieval among the other SHARE (e.g. 0.5)")
     p.add_argument("--adapt-unseen-classes", action="store_true",
                    help="also train on half of the classes and score on the other half")
+    p.add_argument("--fine-tune-blocks", type=int, default=0,
+                   help="with --adapt-split: the adapters also fine-tune the backbone's last N blocks")
     p.add_argument("-k", type=int, default=5, help="results per query scored (default: 5)")
     p.add_argument("--out", default=str(OUTPUT_DIR), help="folder for evaluation.csv / .md (default: %(default)s)")
     _quiet(p)

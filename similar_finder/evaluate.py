@@ -249,17 +249,19 @@ def other_domain_libraries(library: Library, folders, progress: bool = True) -> 
 
 
 def adaptation_table(library: Library, *, split: float | None = 0.5, unseen_classes: bool = False,
-                     k: int = 5) -> pd.DataFrame:
+                     k: int = 5, fine_tune_blocks: int = 0) -> pd.DataFrame:
     """Plain against adapted retrieval on photos the adapter never saw: a stratified ``split`` of the
-    photos held out, and/or half of the classes held out (``unseen_classes``)."""
-    from .adapt import class_split, compare_adapted, stratified_split
+    photos held out, and/or half of the classes held out (``unseen_classes``). ``fine_tune_blocks``:
+    the adapters also fine-tune the backbone's last blocks."""
+    from .adapt import class_split, compare_adapted, fine_tuning_inputs, stratified_split
 
     labels = library.labels(required=True)
+    tuning = fine_tuning_inputs(library, fine_tune_blocks)[0] if fine_tune_blocks else None
     rows = []
     setups = ([(f"held-out {split:.0%} of each class", stratified_split(labels, split))] if split else []) + \
         ([("held-out half of the classes", class_split(labels, 0.5))] if unseen_classes else [])
     for name, (train, test) in setups:
-        plain, adapted = compare_adapted(library.matrix, labels, train, test, k=k)
+        plain, adapted = compare_adapted(library.matrix, labels, train, test, k=k, tuning=tuning)
         for method, scores in (("plain", plain), ("adapted", adapted)):
             rows.append({"test photos": name, "features": method, "train": len(train), "test": len(test), **scores})
     return pd.DataFrame(rows)
@@ -267,7 +269,7 @@ def adaptation_table(library: Library, *, split: float | None = 0.5, unseen_clas
 
 def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike | None = None,
              backbone: str | None = None, other_backbones=(), other_domains=(), adapt_split: float | None = None,
-             adapt_unseen_classes: bool = False, k: int = 5,
+             adapt_unseen_classes: bool = False, fine_tune_blocks: int = 0, k: int = 5,
              out_dir: str | os.PathLike = OUTPUT_DIR, progress: bool = True, **extract_kwargs) -> Evaluation:
     """Score every approach and feature kind on a labelled folder; write CSV and Markdown.
 
@@ -289,7 +291,7 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
                                    other_domain=other_domain_libraries(library, other_domains, progress))
     if adapt_split or adapt_unseen_classes:
         evaluation.adaptation = adaptation_table(library, split=adapt_split, unseen_classes=adapt_unseen_classes,
-                                                 k=k)
+                                                 k=k, fine_tune_blocks=fine_tune_blocks)
     evaluation.save(Path(out_dir) / "evaluation")
     return evaluation
 

@@ -97,7 +97,41 @@ def test_evaluate_compares_plain_and_adapted_and_unseen_classes(food_db, food_fe
     assert "adapted to the labelled photos" in capsys.readouterr().out
 
 
-def test_adapt_command_and_fine_tuning_not_yet_available(food_db, tmp_path, capsys):
+def test_adapt_command_refuses_what_cannot_be_fine_tuned(food_db, tmp_path, capsys):
     assert main(["adapt", str(food_db), "--out", str(tmp_path / "a.keras"), "--backbone", "efficientnet_lite0",
-                 "--features-file", str(tmp_path / "f.csv"), "--fine-tune-blocks", "2", "--quiet"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+                 "--features-file", str(tmp_path / "f.csv"), "--fine-tune-blocks", "5", "--quiet"]) == 2
+    assert "can fine-tune 1 to 2 of its last blocks" in capsys.readouterr().err
+
+
+def test_the_last_blocks_that_can_be_fine_tuned():
+    from similar_finder import build_backbone
+    from similar_finder.backbones import BackboneError
+
+    lite0 = build_backbone("efficientnet_lite0", weights=None, input_size=64)
+    cut, tail = lite0.tail(1)
+    assert cut == "_blocks.15._bn2" and [l.name for l in tail][0] == "_conv_head"
+    cut, tail = lite0.tail(2)
+    assert cut == "_blocks.14.add" and tail[0].name == "_blocks.15._expand_conv" and tail[-1] is lite0.model.layers[-1]
+    with pytest.raises(BackboneError, match="1 to 2"):
+        lite0.tail(3)
+    with pytest.raises(BackboneError, match="skip connection"):
+        build_backbone("resnet50", weights=None, input_size=64).tail(1)
+
+
+def test_a_fine_tuned_adapter_embeds_library_and_new_photos_alike(food_db, food_features, tmp_path):
+    result = adapt(food_db, tmp_path / "tuned.keras", features_csv=food_features, fine_tune_blocks=1, epochs=3,
+                   progress=False)
+    info = json.loads(result.path.with_suffix(".json").read_text())
+    assert info["fine_tune_blocks"] == 1 and info["cut"] == "_blocks.15._bn2"
+    adapted = extract_features(food_db, tmp_path / "tuned.csv", "efficientnet_lite0", adapter=result.path,
+                               progress=False)
+    assert adapted.config["adapter"]["dim"] == adapted.matrix.shape[1]
+    np.testing.assert_allclose(adapted.describer()(food_db / adapted.paths[7]), adapted.matrix[7], atol=1e-4)
+
+
+def test_fine_tuning_the_last_blocks_lifts_retrieval_further(clothing_features):
+    from similar_finder.evaluate import adaptation_table
+
+    table = adaptation_table(Library(clothing_features), split=0.5, fine_tune_blocks=2).set_index("features")
+    # measured 0.86 (0.824 with frozen features); the target is 0.85
+    assert table.loc["plain", "precision@5"] < 0.75 and table.loc["adapted", "precision@5"] >= 0.84, table
