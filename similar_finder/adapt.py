@@ -212,7 +212,7 @@ def train_embedding(body, inputs: np.ndarray, labels, *, validation=None, flippe
         return _supcon_loss(embeddings, ops.convert_to_tensor(encoded[rows]), temperature=0.1)
 
     step = _train_step(batch_loss, trainable, optimizer)
-    best, best_weights, waited, run = -1.0, body.get_weights(), 0, 0
+    best, best_weights, waited, run = -1.0, None, 0, 0
     for run in range(1, epochs + 1):
         for rows in _balanced_batches(encoded, classes_per_batch, per_class, rng):
             step(rows)
@@ -226,7 +226,8 @@ def train_embedding(body, inputs: np.ndarray, labels, *, validation=None, flippe
             waited += 1
             if waited >= patience:
                 break
-    body.set_weights(best_weights)
+    if best_weights is not None:  # without a validation score, the last epoch's weights stay
+        body.set_weights(best_weights)
     return run
 
 
@@ -473,6 +474,8 @@ def fit_adapter(features: np.ndarray, labels, *, loss: str = "arcface", epochs: 
     import keras
 
     features, labels = np.asarray(features, np.float32), np.asarray(labels)
+    if np.unique(labels, return_counts=True)[1].max() < 2:
+        raise UsageError("adapting needs classes with at least 2 photos: some are held out to check the head")
     fit, held = stratified_split(labels, VALIDATION_SHARE, random_state=random_state + 1)
     plain = None
     if tail is None:

@@ -244,7 +244,7 @@ def other_domain_libraries(library: Library, folders, progress: bool = True) -> 
         csv = library.files.csv.with_name(f"{library.files.csv.stem}.other-{folder.resolve().name}.csv")
         libraries.append(extract_features(folder, csv, cfg["backbone"], pooling=cfg["pooling"],
                                           input_size=cfg["input_size"], weights=weights_argument(cfg["weights"]),
-                                          progress=progress))
+                                          adapter=(cfg.get("adapter") or {}).get("path"), progress=progress))
     return libraries
 
 

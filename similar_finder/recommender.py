@@ -159,7 +159,7 @@ class Recommender(Approach):
             calibration = {**calibrate_threshold(self.raw_, neighbors=self.neighbors), **(calibration or {})}
         calibration = calibration or {"value": np.inf, "gate": np.inf}
         return (float(calibration["value"] if self.threshold is None else self.threshold),
-                float(calibration["gate"] if self.gate is None else self.gate))
+                float(calibration.get("gate", np.inf) if self.gate is None else self.gate))
 
     def calibrate(self, labels=None, *, save: bool = True) -> dict:
         """Calibrate the threshold on this recommender's library (see :func:`calibrate_threshold`).
@@ -209,6 +209,8 @@ class Recommender(Approach):
             keep = indices != rows[:, None]
             order = np.argsort(~keep, axis=1, kind="stable")[:, :n_neighbors]
             distances, indices = np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+            own_left = ~np.take_along_axis(keep, order, 1)  # a library smaller than asked for: drop itself
+            distances, indices = np.where(own_left, np.inf, distances), np.where(own_left, -1, indices)
         return distances, indices
 
 

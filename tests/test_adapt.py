@@ -145,3 +145,11 @@ def test_run_all_with_an_adapter(adapter, food_db, tmp_path):
     assert summary.library.config["adapter"]["sha256"] == json.loads(adapter.path.with_suffix(".json").read_text())[
         "sha256"]
     assert len(list((tmp_path / "out" / "rec" / "cosine").glob("*.png"))) == 2
+
+
+def test_adapting_refuses_classes_of_one_photo():
+    from similar_finder.adapt import fit_adapter
+    from similar_finder.errors import UsageError
+
+    with pytest.raises(UsageError, match="at least 2 photos"):
+        fit_adapter(np.random.default_rng(0).random((3, 8), dtype=np.float32), ["a", "b", "c"])

@@ -162,3 +162,10 @@ def test_query_expansion_reranks_without_ever_returning_the_query(library, food_
     assert len(result) == 3 and opened.paths[0] not in set(result["path"])
     with pytest.raises(ValueError, match="needs the cosine metric"):
         Recommender("manhattan", query_expansion=5)
+
+
+def test_query_expansion_on_a_tiny_library_never_answers_a_photo_with_itself():
+    data = np.random.default_rng(0).random((4, 8), dtype=np.float32)
+    model = Recommender(threshold=np.inf, gate=np.inf, query_expansion=5).fit(data)
+    _, indices, _ = model.search(None, 5, rows=np.arange(4))
+    assert not (indices == np.arange(4)[:, None]).any()
