@@ -8,8 +8,12 @@ from __future__ import annotations
 import importlib
 import os
 
-# TensorFlow's C++ start-up chatter hides the messages that matter to a user.
+from . import _quiet
+
+# TensorFlow's C++ start-up chatter hides the messages that matter to a user: the Python
+# side obeys TF_CPP_MIN_LOG_LEVEL, the native side is filtered while it loads (see _quiet).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_quiet.install()
 
 __version__ = "0.2.0"
 

@@ -175,6 +175,7 @@ def extract_features(
              len(matrix), files.csv, stats.embedded, stats.reused, stats.skipped, stats.removed, stats.seconds)
     library = Library(files.csv, stored=previous["stored"] if unchanged else None)
     library.stats = stats
+    library.catalog()  # the photos' facts for browsing, kept in step with the vectors
     return library
 
 

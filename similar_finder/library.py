@@ -152,6 +152,21 @@ class Library:
         if missing:
             self._vectors.update(self._per_photo(missing))
 
+    def catalog(self):
+        """The photos' facts in SQLite (:class:`~similar_finder.catalog.Catalog`), written now if missing or stale."""
+        import sqlite3
+
+        from .catalog import Catalog, update_catalog
+
+        catalog = Catalog(self.files.catalog)
+        try:
+            fresh = catalog.path.is_file() and catalog.fingerprint == self.fingerprint
+        except sqlite3.DatabaseError:
+            fresh = False
+        if not fresh:
+            update_catalog(self)
+        return catalog
+
     def shas(self) -> list[str]:
         """Each photo's SHA-256 (hashed now for a bare CSV, which has no audit)."""
         if self.audit is not None:

@@ -11,6 +11,8 @@ A store is named by its CSV (``features.csv``, one row per photo:
   ``skipped``, with the reason and its content hash (SHA-256);
 * ``features.skipped.csv`` – the skipped files alone, with the reason;
 * ``features.thresholds.json`` – thresholds calibrated for this library;
+* ``features.sqlite`` – the catalog: per-photo facts for browsing (:mod:`.catalog`);
+* ``features.thumbs/`` – thumbnails for the app, by content hash;
 * ``features.cache/`` – values derived from the features (PCA, colour
   histograms, hashes, ...).
 
@@ -77,6 +79,14 @@ class FeatureFiles:
     @property
     def thresholds(self) -> Path:
         return self._beside(".thresholds.json")
+
+    @property
+    def catalog(self) -> Path:
+        return self._beside(".sqlite")
+
+    @property
+    def thumbnails(self) -> Path:
+        return self._beside(".thumbs")
 
     def cache(self, name: str) -> Path:
         """The file of a derived value called ``name`` (see :meth:`Library.cached`)."""
