@@ -1,7 +1,7 @@
 """The command line, in one place: ``similar-finder <command>`` (or ``python -m similar_finder.<command>``).
 
 Commands: ``extract``, ``cluster``, ``recommend``, ``evaluate``, ``adapt``,
-``duplicates``, ``projector``, ``run-all``. Options that mean the same thing are spelled the
+``duplicates``, ``projector``, ``run-all``, ``app``. Options that mean the same thing are spelled the
 same everywhere: ``--features-file`` is always a feature CSV, ``--kind`` always
 a feature kind. Only the project's own errors (:class:`SimilarFinderError`)
 become a one-line message and exit status 2; anything else is a bug and keeps
@@ -168,6 +168,14 @@ def _run_all(args) -> None:
     print(f"plots:  tsne.png, umap.png, silhouette.png, distances.png in {summary.out}")
 
 
+def _app(args) -> None:
+    from .app import serve
+
+    serve(args.images_dir, features_file=args.features_file, host=args.host, port=args.port,
+          originals=args.originals, open_browser=args.open, max_upload_mb=args.max_upload_mb,
+          progress=not args.quiet, **_backbone_kwargs(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .clustering import DEFAULT_CLUSTERS, DEFAULT_MODEL
     from .kinds import HASH_KINDS
@@ -280,6 +288,26 @@ def build_parser() -> argparse.ArgumentParser:
     _kind(p)
     _quiet(p)
     p.set_defaults(run=_run_all)
+
+    p = commands.add_parser("app", help="the local web app: browse, search by photo, map, duplicates",
+                            description="Serve a page to browse the library, click or drop a photo and see the "
+                                        "similar ones. With IMAGES_DIR its features are extracted first "
+                                        "(incrementally); with only --features-file that library is served.")
+    p.add_argument("images_dir", nargs="?", default=None, help="folder of photos (default: the embedded demo "
+                                                               "library, or the library of --features-file)")
+    p.add_argument("--features-file", "--features", default=None, metavar="CSV",
+                   help="feature CSV to serve, or to write for IMAGES_DIR (default: data/libraries/<folder>.csv)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                                                       "only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--originals", default=None, metavar="DIR",
+                   help="folder with the same relative paths in full resolution, for the large view and downloads")
+    p.add_argument("--open", action="store_true", help="open the page in the browser")
+    p.add_argument("--max-upload-mb", type=float, default=25, help="largest photo accepted (default: %(default)s)")
+    _backbone_options(p)
+    _adapter_option(p)
+    _quiet(p)
+    p.set_defaults(run=_app)
     return parser
 
 

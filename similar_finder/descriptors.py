@@ -87,11 +87,7 @@ def find_duplicates(images_dir: str | os.PathLike, max_distance: int = 6, kind: 
     of 64 bits; groups are the connected components of those links, so a chain
     of near-copies forms one group.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     from .features import scan_images
-    from .neighbors import Neighbors
 
     check_choice("hash for duplicates", kind, HASH_KINDS)
     root = Path(images_dir)
@@ -100,16 +96,34 @@ def find_duplicates(images_dir: str | os.PathLike, max_distance: int = 6, kind: 
     paths = scan_images(root)["path"].tolist()
     described = describe_many(root, paths, (kind,), n_jobs)
     keep = [i for i, v in enumerate(described) if v is not None]
-    paths = [paths[i] for i in keep]
-    if len(paths) < 2:
+    if len(keep) < 2:
         return []
     bits = np.stack([described[i][0] for i in keep])
+    return [[paths[keep[i]] for i in group] for group in duplicate_groups(bits, max_distance, [paths[i] for i in keep])]
+
+
+def duplicate_groups(bits: np.ndarray, max_distance: int = 6, names=None) -> list[list[int]]:
+    """Rows of ``bits`` (one hash per photo) in groups of near-copies, largest first.
+
+    Two rows are linked when they differ in at most ``max_distance`` bits; groups
+    are the connected components of those links, so a chain of near-copies forms
+    one group. Rows in a group, and ties between groups, follow ``names``.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from .neighbors import Neighbors
+
+    n = len(bits)
+    if n < 2:
+        return []
+    names = list(range(n)) if names is None else list(names)
     rows, cols, _ = Neighbors("hamming").fit(bits).pairs_within(max_distance)
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(paths), len(paths)))
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
-    groups = pd.Series(paths).groupby(component).agg(list)
-    groups = [sorted(g) for g in groups if len(g) > 1]
-    return sorted(groups, key=lambda g: (-len(g), g[0]))
+    groups = [sorted(g, key=names.__getitem__) for g in pd.Series(range(n)).groupby(component).agg(list)
+              if len(g) > 1]
+    return sorted(groups, key=lambda g: (-len(g), names[g[0]]))
 
 
 def write_duplicates(images_dir: str | os.PathLike, out: str | os.PathLike, max_distance: int = 6,

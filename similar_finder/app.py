@@ -1,0 +1,184 @@
+"""The local web app: browse a photo library, click or drop a photo, see the similar ones.
+
+``python -m similar_finder.app [IMAGES_DIR] [--features-file CSV] [--host 127.0.0.1] [--port 8000]
+[--originals DIR] [--open]`` (also ``similar-finder app``) serves the page at
+``http://127.0.0.1:8000/``. With no folder it serves the embedded demo library;
+with a folder it extracts its features first (incrementally); with only
+``--features-file`` it serves that library as it is.
+
+``create_app(library)`` is the FastAPI application: the page (plain HTML, CSS
+and JavaScript from ``static/``, no build step, nothing from the internet) and
+the JSON API under ``/api/`` that the page uses, documented at ``/docs``.
+Every answer comes from one :class:`~similar_finder.service.LibraryService`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from .errors import SimilarFinderError
+from .service import APPROACHES, DEFAULT_MAX_UPLOAD, LibraryService, NotFound, UploadTooLarge
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")
+_CHUNK = 1 << 20
+
+
+def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
+    """The FastAPI app serving ``library`` (a :class:`~similar_finder.library.Library` or its CSV)."""
+    from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+
+    from .library import as_library
+
+    service = LibraryService(as_library(library), originals=originals, max_upload_bytes=max_upload_bytes)
+    app = FastAPI(title="similar_finder", version=_version(),
+                  description="Browse a photo library and find similar photos. Every photo is named by its "
+                              "`image_id` (its row in the library); a path in a request is never opened.")
+    app.state.service = service
+    approach_names = "|".join(APPROACHES)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(UploadTooLarge)
+    async def too_large(request: Request, exc: UploadTooLarge):
+        return JSONResponse({"detail": str(exc)}, status_code=413)
+
+    @app.exception_handler(SimilarFinderError)
+    async def bad_request(request: Request, exc: SimilarFinderError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    def answer(result, query: dict) -> dict:
+        return {"query": query, "approach": result.approach, "results": result.results,
+                "message": result.message, "reason": result.reason}
+
+    def read_upload(file: UploadFile, request: Request) -> bytes:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > service.max_upload_bytes + _CHUNK:  # refuse before reading a huge body
+            raise UploadTooLarge(f"the upload is {declared / 2**20:.1f} MB, over the limit of "
+                                 f"{service.max_upload_bytes / 2**20:.0f} MB")
+        return file.file.read(service.max_upload_bytes + 1)
+
+    @app.get("/api/info", summary="The library: size, backbone, folders, approaches")
+    def info():
+        return service.info()
+
+    @app.get("/api/images", summary="One page of the library's photos, filtered and sorted")
+    def images(offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
+               folder: str | None = Query(None, description="this folder and its subfolders"),
+               sort: str = Query("path", pattern="^(path|taken|bytes|pixels|cluster)$"),
+               descending: bool = False):
+        if sort == "cluster":
+            service.kmeans()  # clusters are in the catalog once K-Means is fitted
+        return service.images(offset=offset, limit=limit, folder=folder, sort=sort, descending=descending)
+
+    @app.get("/api/photo/{image_id}", summary="One photo's facts (path, size, date taken, camera, cluster)")
+    def photo(image_id: str):
+        return service.photo(image_id)
+
+    @app.get("/api/similar/{image_id}", summary="The photos most similar to a library photo")
+    def similar(image_id: str, n: int = Query(5, ge=1, le=100),
+                approach: str = Query("cosine", pattern=f"^({approach_names})$")):
+        result = service.similar(image_id, n, approach)
+        return answer(result, {k: v for k, v in service.photo(image_id).items()
+                               if k in ("image_id", "path", "folder", "width", "height")})
+
+    @app.post("/api/search", summary="The library photos most similar to an uploaded photo (not stored)")
+    def search(request: Request, file: UploadFile = File(...), n: int = Form(5, ge=1, le=100),
+               approach: str = Form("cosine", pattern=f"^({approach_names})$")):
+        data = read_upload(file, request)
+        result = service.search(data, n, approach, filename=file.filename or "upload")
+        return answer(result, {"filename": file.filename, "bytes": len(data)})
+
+    @app.post("/api/library", summary="Add an uploaded photo to the library (saved under the images folder)")
+    def add(request: Request, file: UploadFile = File(...), folder: str = Form("uploads")):
+        return service.add_photo(read_upload(file, request), file.filename or "upload.jpg", folder)
+
+    @app.get("/api/duplicates", summary="Groups of near-identical photos, largest first")
+    def duplicates(max_distance: int = Query(6, ge=0, le=32)):
+        groups = service.duplicates(max_distance)
+        return {"groups": groups, "message": None if groups else "No near-duplicates found"}
+
+    @app.get("/api/map", summary="The library's 2-D map (t-SNE or UMAP), sampled above a few thousand photos")
+    def library_map(method: str = Query("tsne", pattern="^(tsne|umap)$")):
+        return service.map(method)
+
+    @app.get("/api/image/{image_id}", summary="The photo itself (its original with --originals, when there)",
+             response_class=FileResponse)
+    def image(image_id: str, download: bool = False, original: bool = True):
+        path = service.image_file(image_id, original=original)
+        name = Path(service.photo(image_id)["path"]).name if download else None
+        return FileResponse(path, filename=name, content_disposition_type="attachment" if download else "inline",
+                            headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/thumb/{image_id}", summary="A thumbnail (JPEG, 256 px), made once and cached on disk",
+             response_class=FileResponse)
+    def thumb(image_id: str):
+        return FileResponse(service.thumbnail(image_id), media_type="image/jpeg",
+                            headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port: int = 8000, originals=None,
+          open_browser: bool = False, max_upload_mb: float = 25, progress: bool = True, **extract_kwargs) -> None:
+    """Extract (if given a folder, or nothing: the demo library), then serve the app until Ctrl-C."""
+    import uvicorn
+
+    from ._io import DATA_DIR
+    from .demo import ensure_demo_library
+    from .features import extract_features
+    from .library import open_library
+
+    if images_dir is None and features_file is not None:
+        library = open_library(features_file)
+    else:
+        folder = Path(images_dir) if images_dir is not None else ensure_demo_library()
+        csv = features_file or DATA_DIR / "libraries" / f"{folder.resolve().name}.csv"
+        library = extract_features(folder, csv, extract_kwargs.pop("backbone", None), progress=progress,
+                                   **extract_kwargs)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: the library's photos become visible to every machine that can reach this one",
+                    host)
+    app = create_app(library, originals=originals, max_upload_bytes=int(max_upload_mb * 2**20))
+    _warm(app.state.service)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    print(f"similar_finder: {len(library)} photos from {library.root}\nopen {url}  (Ctrl-C stops)", flush=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _warm(service: LibraryService) -> None:
+    """Build the backbone and the default approach now, so the first click and upload are quick."""
+    from .backbones import build_backbone
+    from .features import weights_argument
+
+    cfg = service.library.config
+    if cfg and not cfg.get("adapter"):
+        build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=int(cfg["input_size"]),
+                       weights=weights_argument(cfg["weights"]))
+    service.approach("cosine")
+
+
+if __name__ == "__main__":
+    from .cli import main_for
+
+    sys.exit(main_for("app"))
