@@ -11,11 +11,14 @@ and JavaScript from ``static/``, no build step, nothing from the internet) and
 the JSON API under ``/api/`` that the page uses, documented at ``/docs``.
 Every answer comes from one :class:`~similar_finder.service.LibraryService`.
 """
-from __future__ import annotations
-
 import logging
 import sys
 from pathlib import Path
+
+# FastAPI reads the endpoints' annotations at run time: these names must be real, not strings.
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from .errors import SimilarFinderError
 from .service import APPROACHES, DEFAULT_MAX_UPLOAD, LibraryService, NotFound, UploadTooLarge
@@ -27,10 +30,6 @@ _CHUNK = 1 << 20
 
 def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
     """The FastAPI app serving ``library`` (a :class:`~similar_finder.library.Library` or its CSV)."""
-    from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-    from fastapi.responses import FileResponse, JSONResponse
-    from fastapi.staticfiles import StaticFiles
-
     from .library import as_library
 
     service = LibraryService(as_library(library), originals=originals, max_upload_bytes=max_upload_bytes)

@@ -10,7 +10,8 @@ const state = {
   n: Number(localStorage.getItem("n") || 8),
   folder: "", sort: "path", descending: false,
   upload: null,        // the last uploaded File, searched again when the approach or n changes
-  selected: 0,         // keyboard selection in the current grid
+  selected: 0,         // keyboard selection in the library grid
+  picked: -1,          // keyboard selection among the similar photos
 };
 
 // --- talking to the API ----------------------------------------------------------------
@@ -59,6 +60,8 @@ function show(view) {
 }
 
 async function route() {
+  if (state.routed === location.hash) { state.routed = null; return; }  // already shown by search()
+  state.routed = null;
   const [, view, id] = location.hash.replace(/^#/, "").split("/");
   try {
     if (view === "photo" && id !== undefined) return await openSimilar(id);
@@ -150,7 +153,7 @@ const grid = {
       tile.dataset.id = photo.image_id;
       tile.style.transform = `translate(${(i % this.cols) * this.cell}px, ${Math.floor(i / this.cols) * this.cell}px)`;
       if (i === state.selected) tile.classList.add("selected");
-      tile.addEventListener("click", () => { location.hash = `#/photo/${photo.image_id}`; });
+      tile.addEventListener("click", () => { state.selected = i; location.hash = `#/photo/${photo.image_id}`; });
       tiles.push(tile);
     }
     this.inner.replaceChildren(...tiles);
@@ -199,7 +202,6 @@ async function openSearch(file) {
   form.append("file", file);
   form.append("n", state.n);
   form.append("approach", state.approach);
-  $("#similar-title").textContent = `Searching with ${file.name}…`;
   const body = await api("/api/search", { method: "POST", body: form });
   $("#query-img").src = URL.createObjectURL(file);
   $("#query-img").alt = file.name;
@@ -233,10 +235,11 @@ async function addToLibrary(file, button) {
 
 function showResults(body, title) {
   show("similar");
+  $("#error").hidden = true;
   $("#similar-title").textContent = `${title} — ${state.info.approaches[body.approach]}`;
   $("#no-results").hidden = body.results.length > 0;
   $("#no-results-reason").textContent = body.reason ? `${body.reason[0].toUpperCase()}${body.reason.slice(1)}.` : "";
-  state.selected = -1;
+  state.picked = -1;
   const items = body.results.map((r, i) => {
     const item = el("li", { tabIndex: 0, title: r.path }, [
       el("img", { src: `/api/thumb/${r.image_id}`, alt: r.path, loading: "lazy" }),
@@ -372,10 +375,15 @@ function rerunQuery() {
   if (!$("#similar-view").hidden) route();
 }
 
-function search(file) {
+async function search(file) {
   if (!file) return;
-  state.upload = file;
-  if (location.hash === "#/search") route(); else location.hash = "#/search";
+  try {
+    await openSearch(file);
+    state.upload = file;  // only a photo that could be searched is searched again
+    if (location.hash !== "#/search") { state.routed = "#/search"; location.hash = "#/search"; }
+  } catch (err) {
+    showError(err.message);
+  }
 }
 
 function setUp() {
@@ -441,11 +449,11 @@ function setUp() {
       const moves = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -1, ArrowDown: 1 };
       if (e.key in moves && items.length) {
         e.preventDefault();
-        state.selected = Math.min(items.length - 1, Math.max(0, state.selected + moves[e.key]));
-        items.forEach((item, i) => item.classList.toggle("selected", i === state.selected));
-        items[state.selected].focus();
-      } else if (e.key === "Enter" && items[state.selected]) {
-        e.preventDefault(); location.hash = `#/photo/${items[state.selected].dataset.id}`;
+        state.picked = Math.min(items.length - 1, Math.max(0, state.picked + moves[e.key]));
+        items.forEach((item, i) => item.classList.toggle("selected", i === state.picked));
+        items[state.picked].focus();
+      } else if (e.key === "Enter" && items[state.picked]) {
+        e.preventDefault(); location.hash = `#/photo/${items[state.picked].dataset.id}`;
       }
     }
   });
