@@ -298,6 +298,8 @@ class Adapter:
     def __init__(self, path: str | os.PathLike):
         import keras
 
+        from . import pooling  # noqa: F401  registers the layers a fine-tuned tail may end in (GeM)
+
         self.path = Path(path)
         if not self.path.is_file():
             raise MissingError(f"no adapter at {self.path}; train one with `similar-finder adapt LABELLED_DIR`")

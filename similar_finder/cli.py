@@ -25,14 +25,22 @@ def _weights(value: str) -> str | None:
 
 
 def _backbone_options(parser) -> None:
-    from .backbones import BACKBONES, POOLINGS
+    from .backbones import BACKBONES, POOLINGS, TOKEN_POOLINGS
 
     group = parser.add_argument_group("backbone")
-    group.add_argument("--backbone", choices=BACKBONES, default=None,
-                       help="CNN to embed with (default: the one the features file already uses, "
-                            "else resnet50, or efficientnet_lite0 when offline)")
-    group.add_argument("--pooling", choices=POOLINGS, default="avg")
-    group.add_argument("--input-size", type=int, default=224, help="square input side in pixels")
+    group.add_argument("--backbone", default=None, metavar="NAME",
+                       help=f"network to embed with: {', '.join(BACKBONES)}, a KerasHub preset (dinov2_small, "
+                            f"clip_vit_base_patch16, siglip_base_patch16_224, ...; downloaded once, or a preset "
+                            f"folder given with --weights DIR), or several joined with '+' (an ensemble, e.g. "
+                            f"efficientnet_lite0+efficientnet_lite2). Default: the one the features file already "
+                            f"uses, else resnet50, or efficientnet_lite0 when offline")
+    group.add_argument("--pooling", default=None,
+                       help=f"{'|'.join(POOLINGS)} for the CNNs (default avg; gem: generalised mean, p=3), "
+                            f"{'|'.join(TOKEN_POOLINGS)} for KerasHub transformers (default: cls for DINO, "
+                            f"pooled for CLIP/SigLIP)")
+    group.add_argument("--input-size", type=int, default=None,
+                       help="square input side in pixels (default: the backbone's native size: 224, "
+                            "efficientnet_lite1 240, efficientnet_lite2 260)")
     group.add_argument("--weights", type=_weights, default="imagenet",
                        help="'imagenet' (downloaded by Keras), the path of a local weights file, "
                             "or 'none' for random weights (tests only)")

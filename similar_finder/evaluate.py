@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import DATA_DIR, OUTPUT_DIR, atomic_write, write_csv
+from ._io import DATA_DIR, OUTPUT_DIR, atomic_write, read_json, write_csv, write_json
 from .clustering import DEFAULT_K_RANGE, ClusterRecommender, KMeansBaseline, clip_k_range
 from .kinds import get_kind
 from .library import Library
@@ -185,12 +185,13 @@ def evaluate_features(library, labels=None, *, k: int = 5, others: dict | None =
     Rows: the cosine recommender and the K-Means baseline (``kmeans`` if it is
     already fitted on these features) on the CNN features, then a
     nearest-neighbour row for each of the library's other ``kinds`` and each of
-    ``others`` (``{name: (matrix, metric)}``, e.g. another backbone). Every
+    ``others`` (``{name: (matrix, metric)}``, e.g. another backbone, or
+    ``(matrix, metric, {column: value})`` with columns of its own). Every
     image is a query against all the others, or an even sample of
     ``max_queries`` of them in a larger library. ``other_domain``: libraries of
     photos from elsewhere (same backbone), which the default rule should refuse.
     """
-    sets = {name: (matrix, metric, None) for name, (matrix, metric) in (others or {}).items()}
+    sets = {name: (value[0], value[1], None, *value[2:]) for name, value in (others or {}).items()}
     cnn_other = None
     if isinstance(library, Library):
         labels = library.labels(required=True) if labels is None else labels
@@ -212,26 +213,56 @@ def evaluate_features(library, labels=None, *, k: int = 5, others: dict | None =
                      "held-out: no result": 0.0, "in library: answered": 1.0, "library: answered": 1.0,
                      **({"other-domain: no result": 0.0} if cnn_other is not None else {}),
                      "dims": matrix.shape[1]})
-    for name, (other, metric, other_domain_vectors) in sets.items():
-        rows.append(_nearest_neighbour_row(name, other, metric, labels, k, queries, other_domain_vectors))
+    for name, (other, metric, other_domain_vectors, *extra) in sets.items():
+        rows.append({**_nearest_neighbour_row(name, other, metric, labels, k, queries, other_domain_vectors),
+                     **(extra[0] if extra else {})})
     return Evaluation(pd.DataFrame(rows), queries=len(queries), images=len(matrix), backbone=backbone)
 
 
+def split_backbone_option(entry: str) -> tuple[str, str | None]:
+    """``"efficientnet_lite0:gem"`` -> ``("efficientnet_lite0", "gem")``; without ``:POOLING``, its default."""
+    name, _, pooling = entry.strip().partition(":")
+    return name, (pooling or None)
+
+
 def _other_backbone_sets(labelled_dir: Path, library: Library, names, progress: bool) -> dict:
+    """``{row name: (matrix, "cosine", {"photos/s": ...})}`` for each of ``names`` (``NAME`` or ``NAME:POOLING``)."""
     from .backbones import BackboneError
     from .features import extract_features
 
     sets = {}
-    for name in names:
-        csv = library.files.csv.with_name(f"{library.files.csv.stem}-{name}.csv")
+    for entry in names:
+        name, pooling = split_backbone_option(entry)
+        suffix = f"{name}-{pooling}" if pooling else name
+        csv = library.files.csv.with_name(f"{library.files.csv.stem}-{suffix}.csv")
         try:
-            other = extract_features(labelled_dir, csv, name, progress=progress)
+            other = extract_features(labelled_dir, csv, name, pooling=pooling, progress=progress)
         except BackboneError as exc:
-            log.warning("left out %s: %s", name, exc)
+            log.warning("left out %s: %s", entry, exc)
             continue
         if other.paths == library.paths:
-            sets[f"CNN {name}, cosine"] = (other.matrix, "cosine")
+            sets[f"CNN {entry}, cosine"] = (other.matrix, "cosine", {"photos/s": extraction_throughput(other)})
     return sets
+
+
+def extraction_throughput(library: Library) -> float:
+    """Photos embedded per second by the extraction that made ``library`` (reading, decoding, model, writing).
+
+    A run that embedded photos measures it and keeps it beside the features
+    (``.throughput.json``); a later run that embeds nothing (all reused)
+    reports the kept value. NaN when it was never measured with these settings.
+    """
+    path = library.files.csv.with_suffix(".throughput.json")
+    stats, config = getattr(library, "stats", None), library.config
+    if stats is not None and stats.embedded and stats.seconds > 0:
+        value = stats.embedded / stats.seconds
+        write_json(path, {"photos/s": value, "photos": stats.embedded, "seconds": stats.seconds, "config": config})
+        return float(value)
+    try:
+        kept = read_json(path)
+    except (OSError, ValueError):
+        return float("nan")
+    return float(kept["photos/s"]) if kept.get("config") == config else float("nan")
 
 
 def other_domain_libraries(library: Library, folders, progress: bool = True) -> list[Library]:
@@ -274,8 +305,11 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
     """Score every approach and feature kind on a labelled folder; write CSV and Markdown.
 
     Features are extracted (incrementally) with ``backbone``; each of
-    ``other_backbones`` adds a cosine row of its own (one that cannot be loaded,
-    e.g. offline, is reported and left out). ``other_domains`` are folders of
+    ``other_backbones`` (``NAME`` or ``NAME:POOLING``, e.g. ``efficientnet_lite2``,
+    ``efficientnet_lite0:gem``, ``efficientnet_lite0+efficientnet_lite2``) adds a
+    cosine row of its own (one that cannot be loaded, e.g. offline, is reported
+    and left out). Backbone rows carry ``photos/s``, the extraction's throughput
+    (see :func:`extraction_throughput`). ``other_domains`` are folders of
     photos unlike the library's (other subjects, non-photos), which the default
     rule should answer with "No similar images found". ``adapt_split`` and
     ``adapt_unseen_classes`` add :func:`adaptation_table`.
@@ -289,6 +323,7 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
     others = _other_backbone_sets(labelled_dir, library, other_backbones, progress)
     evaluation = evaluate_features(library, k=k, others=others,
                                    other_domain=other_domain_libraries(library, other_domains, progress))
+    evaluation.table.loc[0, "photos/s"] = extraction_throughput(library)  # the cosine row of the main backbone
     if adapt_split or adapt_unseen_classes:
         evaluation.adaptation = adaptation_table(library, split=adapt_split, unseen_classes=adapt_unseen_classes,
                                                  k=k, fine_tune_blocks=fine_tune_blocks)

@@ -84,8 +84,8 @@ def extract_features(
     out_csv: str | os.PathLike = DEFAULT_FEATURES,
     backbone: str | None = None,
     *,
-    pooling: str = "avg",
-    input_size: int = 224,
+    pooling: str | None = None,
+    input_size: int | None = None,
     weights: str | os.PathLike | None = "imagenet",
     batch_size: int = 32,
     workers: int | None = None,
@@ -192,11 +192,14 @@ def _requested_spec(backbone, pooling, input_size, weights, previous, adapter=No
         return {"backbone": cfg["backbone"], "pooling": cfg["pooling"],
                 "input_size": int(cfg["input_size"]), "weights_arg": weights_argument(cfg["weights"])}
     weights_arg = str(weights) if isinstance(weights, os.PathLike) else weights
-    spec = {"backbone": backbone, "pooling": pooling, "input_size": int(input_size), "weights_arg": weights_arg}
+    spec = {"backbone": backbone, "pooling": pooling, "input_size": None if input_size is None else int(input_size),
+            "weights_arg": weights_arg}
     if previous is not None and backbone is not None:
-        wanted = {"backbone": backbone.lower().replace("-", "_"), "pooling": pooling,
-                  "input_size": int(input_size), "weights": "random" if weights_arg is None else weights_arg}
-        held = {k: previous["config"][k] for k in wanted}
+        from .backbones import requested_config
+
+        # Names normalised, ensembles "+"-joined, None filled in with the backbone's native size and pooling.
+        wanted = requested_config(backbone, pooling, input_size, weights_arg)
+        held = {k: previous["config"].get(k) for k in wanted}
         if held != wanted:
             if "files" not in previous:  # only checkpoints of an unfinished run: not the user's data
                 log.warning("discarding checkpoints of an unfinished run with %s", held)
