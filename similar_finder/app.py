@@ -83,8 +83,7 @@ def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_U
     def similar(image_id: str, n: int = Query(5, ge=1, le=100),
                 approach: str = Query("cosine", pattern=f"^({approach_names})$")):
         result = service.similar(image_id, n, approach)
-        return answer(result, {k: v for k, v in service.photo(image_id).items()
-                               if k in ("image_id", "path", "folder", "width", "height")})
+        return answer(result, result.query)
 
     @app.post("/api/search", summary="The library photos most similar to an uploaded photo (not stored)")
     def search(request: Request, file: UploadFile = File(...), n: int = Form(5, ge=1, le=100),

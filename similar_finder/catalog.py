@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -157,17 +158,21 @@ class Catalog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._local = threading.local()
 
     def _connect(self) -> sqlite3.Connection:
-        # One short connection per call: the app answers from several threads.
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
+        # One read-only connection per thread (the app answers from several); a rewritten catalog
+        # is a new file, read through a new Catalog.
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            db.row_factory = sqlite3.Row
         return db
 
     @property
     def fingerprint(self) -> str | None:
-        with contextlib.closing(self._connect()) as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+        db = self._connect()
+        row = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
         return row[0] if row else None
 
     def images(self, *, offset: int = 0, limit: int = 100, folder: str | None = None, sort: str = "path",
@@ -179,26 +184,27 @@ class Catalog:
             where, params = "WHERE folder = ? OR folder LIKE ? ESCAPE '\\'", [folder, _like_prefix(folder)]
         direction = " DESC" if descending else ""
         order_sql = ", ".join(f"{part}{direction}" if "IS NULL" not in part else part for part in order.split(", "))
-        with contextlib.closing(self._connect()) as db:
-            total = db.execute(f"SELECT COUNT(*) FROM photos {where}", params).fetchone()[0]
-            rows = db.execute(f"SELECT * FROM photos {where} ORDER BY {order_sql}, path LIMIT ? OFFSET ?",
-                              [*params, int(limit), int(offset)]).fetchall()
+        db = self._connect()
+        total = db.execute(f"SELECT COUNT(*) FROM photos {where}", params).fetchone()[0]
+        ties = "" if sort == "path" else ", path"  # "path, path" would keep SQLite off the index
+        rows = db.execute(f"SELECT * FROM photos {where} ORDER BY {order_sql}{ties} LIMIT ? OFFSET ?",
+                          [*params, int(limit), int(offset)]).fetchall()
         return total, [dict(r) for r in rows]
 
     def get(self, image_id: int) -> dict | None:
-        with contextlib.closing(self._connect()) as db:
-            row = db.execute("SELECT * FROM photos WHERE image_id = ?", (int(image_id),)).fetchone()
+        db = self._connect()
+        row = db.execute("SELECT * FROM photos WHERE image_id = ?", (int(image_id),)).fetchone()
         return dict(row) if row else None
 
     def folders(self) -> list[dict]:
         """Every folder with its number of photos (its own, not its subfolders')."""
-        with contextlib.closing(self._connect()) as db:
-            rows = db.execute("SELECT folder, COUNT(*) AS photos FROM photos GROUP BY folder ORDER BY folder")
-            return [dict(r) for r in rows]
+        db = self._connect()
+        rows = db.execute("SELECT folder, COUNT(*) AS photos FROM photos GROUP BY folder ORDER BY folder")
+        return [dict(r) for r in rows]
 
     def skipped(self) -> list[dict]:
-        with contextlib.closing(self._connect()) as db:
-            return [dict(r) for r in db.execute("SELECT * FROM skipped ORDER BY path")]
+        db = self._connect()
+        return [dict(r) for r in db.execute("SELECT * FROM skipped ORDER BY path")]
 
     def set_clusters(self, clusters, fingerprint: str) -> None:
         """Record each photo's K-Means cluster (``clusters[image_id]``) if the catalog is of that library."""

@@ -164,7 +164,7 @@ class Library:
         except sqlite3.DatabaseError:
             fresh = False
         if not fresh:
-            update_catalog(self)
+            return Catalog(update_catalog(self))  # a new reader: the old one's connection holds the old file
         return catalog
 
     def shas(self) -> list[str]:

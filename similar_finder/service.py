@@ -67,6 +67,7 @@ class Answer:
     approach: str
     results: list[dict]
     refused: bool = False  # the gate said the query is unlike the whole library
+    query: dict | None = None  # the library photo asked about
 
     @property
     def message(self) -> str | None:
@@ -81,6 +82,62 @@ class Answer:
         return "no library photo is within the distance threshold"
 
 
+class _Batcher:
+    """Concurrent queries to one approach, answered by one search: the library is read once for all of them.
+
+    Brute-force search is bound by reading the library's matrix, so eight queries
+    in one matrix product cost about what one does. The first caller to find no
+    search running leads: it searches for everything pending, hands each caller
+    its rows, and goes on while more arrived meanwhile; the others wait.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self._lock = threading.Lock()
+        self._pending: list[dict] = []
+        self._leading = False
+
+    def __call__(self, n: int, *, row: int | None = None, vector: np.ndarray | None = None):
+        """``(distances, indices, gates)`` of one query: a library ``row`` or a raw ``vector``."""
+        request = {"n": n, "row": row, "vector": vector, "done": threading.Event()}
+        with self._lock:
+            self._pending.append(request)
+            lead, self._leading = not self._leading, True
+        if lead:
+            self._lead()
+        request["done"].wait()
+        if "error" in request:
+            raise request["error"]
+        return request["result"]
+
+    def _lead(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._leading = False
+                    return
+            for group in ([r for r in batch if r["row"] is not None], [r for r in batch if r["row"] is None]):
+                if group:
+                    self._search(group)
+
+    def _search(self, group: list[dict]) -> None:
+        n = max(r["n"] for r in group)
+        try:
+            if group[0]["row"] is not None:
+                distances, indices, gates = self.model.search(None, n, rows=[r["row"] for r in group])
+            else:
+                distances, indices, gates = self.model.search(np.stack([r["vector"] for r in group]), n)
+            for i, r in enumerate(group):
+                r["result"] = (distances[i:i + 1, :r["n"]], indices[i:i + 1, :r["n"]],
+                               None if gates is None else gates[i:i + 1])
+        except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch, raised there
+            for r in group:
+                r["error"] = exc
+        for r in group:
+            r["done"].set()
+
+
 class LibraryService:
     """Answers for the app: browsing, similar photos, search by upload, map, duplicates, files."""
 
@@ -93,7 +150,7 @@ class LibraryService:
         self.max_upload_bytes = int(max_upload_bytes)
         self.extract_kwargs = extract_kwargs or {}
         self.catalog = library.catalog()
-        self._approaches: dict[str, object] = {}
+        self._approaches: dict[str, _Batcher] = {}
         self._derived: dict[str, object] = {}
         self._build = threading.Lock()  # one fit at a time: two first requests never fit twice
         self._model = threading.Lock()  # the backbone embeds one batch at a time
@@ -131,11 +188,14 @@ class LibraryService:
 
     def approach(self, name: str):
         """The fitted approach ``name`` (see :data:`APPROACHES`), built on first use."""
+        return self._batcher(name).model
+
+    def _batcher(self, name: str) -> _Batcher:
         check_choice("approach", name, APPROACHES)
         if name not in self._approaches:
             with self._build:
                 if name not in self._approaches:
-                    self._approaches[name] = self._fit(name)
+                    self._approaches[name] = _Batcher(self._fit(name))
         return self._approaches[name]
 
     def _fit(self, name: str):
@@ -167,16 +227,18 @@ class LibraryService:
 
     def similar(self, image_id, n: int = 5, approach: str = "cosine") -> Answer:
         """The photos most similar to a library photo (never itself)."""
-        row = self.photo(image_id)["image_id"]
-        model = self.approach(approach)
-        return self._answer(approach, model, *model.search(None, n, rows=[row]))
+        photo = self.photo(image_id)
+        batcher = self._batcher(approach)
+        answer = self._answer(approach, batcher.model, *batcher(n, row=photo["image_id"]))
+        answer.query = {k: photo[k] for k in ("image_id", "path", "folder", "width", "height")}
+        return answer
 
     def search(self, data: bytes, n: int = 5, approach: str = "cosine", *, filename: str = "upload") -> Answer:
         """The library photos most similar to an uploaded photo, which is not kept."""
         self.check_upload(data, filename)
-        model = self.approach(approach)
-        vector = self._describe(data, model.kind, filename)
-        return self._answer(approach, model, *model.search(vector[None], n))
+        batcher = self._batcher(approach)
+        vector = self._describe(data, batcher.model.kind, filename)
+        return self._answer(approach, batcher.model, *batcher(n, vector=vector))
 
     def _answer(self, name, model, distances, indices, gates) -> Answer:
         frame = model.answer(distances[0], indices[0], None if gates is None else gates[0])

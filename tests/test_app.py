@@ -246,6 +246,24 @@ def test_concurrent_searches_all_get_the_same_answer(client):
     assert not errors and len(answers) == 8 and len(set(answers)) == 1 and answers[0]
 
 
+def test_concurrent_similar_queries_batched_together_get_their_own_answers(client, library):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(args):
+        image_id, n = args
+        body = client.get(f"/api/similar/{image_id}", params={"n": n}).json()
+        return [(r["image_id"], r["distance"]) for r in body["results"]]
+
+    queries = [(i, 3 + i % 5) for i in range(len(library))]
+    alone = [ask(q) for q in queries]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(ask, queries))
+    # The same photos in the same order; distances equal but for float rounding (one product, not many).
+    assert [[i for i, _ in a] for a in together] == [[i for i, _ in a] for a in alone]
+    assert np.allclose([d for a in together for _, d in a], [d for a in alone for _, d in a], atol=1e-5)
+    assert all(len(a) <= n for a, (_, n) in zip(alone, queries)) and sum(map(len, alone)) > len(queries)
+
+
 def test_the_api_is_documented(client):
     spec = client.get("/openapi.json").json()
     for path in ("/api/images", "/api/similar/{image_id}", "/api/search", "/api/duplicates", "/api/map",
