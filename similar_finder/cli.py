@@ -319,10 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A command's warnings are for its user: one line each, not a source location.
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     """Run one command; user errors and Ctrl-C become one line and an exit status."""
+    import warnings
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    warnings.showwarning = _show_warning
     try:
         args.run(args)
     except KeyboardInterrupt:

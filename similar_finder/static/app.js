@@ -238,6 +238,9 @@ function showResults(body, title) {
   $("#error").hidden = true;
   $("#similar-title").textContent = `${title} — ${state.info.approaches[body.approach]}`;
   $("#no-results").hidden = body.results.length > 0;
+  const shown = body.results.length;
+  $("#similar-count").textContent = shown && shown < state.n
+    ? `${shown} of ${state.n}: no other photo is close enough` : "";
   $("#no-results-reason").textContent = body.reason ? `${body.reason[0].toUpperCase()}${body.reason.slice(1)}.` : "";
   state.picked = -1;
   const items = body.results.map((r, i) => {
