@@ -275,7 +275,7 @@ def as_library(library) -> Library:
 def open_library(csv: str | os.PathLike = DEFAULT_FEATURES) -> Library:
     """The library at ``csv``, opened once per process while its files are unchanged."""
     files = FeatureFiles(Path(csv).expanduser().resolve())
-    if not files.csv.is_file():
+    if not files.exists():
         return Library(files.csv)  # says what is missing and how to make it
     # A cheap test for "same files as last time": the store is re-read when any of them changes.
     stamps = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None

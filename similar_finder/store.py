@@ -10,6 +10,11 @@ A store is named by its CSV (``features.csv``, one row per photo:
 * ``features.files.csv`` – the audit: every file found, ``ok``, ``fixed`` or
   ``skipped``, with the reason and its content hash (SHA-256);
 * ``features.skipped.csv`` – the skipped files alone, with the reason;
+* ``features.parquet/`` – with ``store_format="parquet"`` (for libraries where
+  a CSV is absurd), the vectors as Parquet parts *instead of* the CSV and
+  ``.npy``: ``path, sha256, vector`` rows, read memory-mapped;
+* ``features.shards/`` – only while a Ray extraction runs: its workers'
+  results, so a run that was killed resumes from them;
 * ``features.thresholds.json`` – thresholds calibrated for this library;
 * ``features.sqlite`` – the catalog: per-photo facts for browsing (:mod:`.catalog`);
 * ``features.thumbs/`` – thumbnails for the app, by content hash;
@@ -27,6 +32,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +41,11 @@ import numpy as np
 import pandas as pd
 
 from ._io import atomic_write, read_json, write_csv, write_json
-from .errors import MissingError, SimilarFinderError
+from .errors import MissingError, SimilarFinderError, check_choice
 
 FORMAT_VERSION = 1
+STORE_FORMATS = ("csv", "parquet")
+PARQUET_PART_ROWS = 100_000  # rows per Parquet part: a part is written and read whole
 FLOAT_FORMAT = "%.9g"  # 9 significant digits round-trip float32 exactly
 AUDIT_COLUMNS = ["path", "status", "detail", "size", "mtime_ns", "sha256"]
 CONFIG_KEYS = ("backbone", "weights", "input_size", "pooling", "dim", "adapter")
@@ -77,6 +85,18 @@ class FeatureFiles:
         return self._beside(".partial")
 
     @property
+    def parquet(self) -> Path:
+        return self._beside(".parquet")
+
+    @property
+    def shards(self) -> Path:
+        return self._beside(".shards")
+
+    def exists(self) -> bool:
+        """Whether a store was written here (in either format)."""
+        return self.csv.is_file() or (self.meta.is_file() and self.parquet.is_dir())
+
+    @property
     def thresholds(self) -> Path:
         return self._beside(".thresholds.json")
 
@@ -91,6 +111,10 @@ class FeatureFiles:
     def cache(self, name: str) -> Path:
         """The file of a derived value called ``name`` (see :meth:`Library.cached`)."""
         return self._beside(".cache") / f"{name}.joblib"
+
+    def index(self, name: str | None = None) -> Path:
+        """A trained FAISS index: ``<stem>.faiss`` for the default search, else ``<stem>.cache/<name>.faiss``."""
+        return self._beside(".faiss") if name is None else self._beside(".cache") / f"{name}.faiss"
 
 
 @dataclass
@@ -130,13 +154,15 @@ def read_store(csv: str | os.PathLike) -> StoredFeatures:
     shared on its own is parsed and still works.
     """
     files = FeatureFiles(Path(csv))
-    if not files.csv.is_file():
+    if not files.exists():
         raise FeaturesError(
             f"no features file at {files.csv}. Create it with "
             f"`similar-finder extract IMAGES_DIR --out {files.csv}`."
         )
     meta = read_meta(files)
     audit = read_audit(files.audit) if files.audit.is_file() else None
+    if meta.get("store_format") == "parquet":
+        return _read_parquet_store(files, meta, audit)
     stat = files.csv.stat()
     if meta.get("csv_stat") == [stat.st_size, stat.st_mtime_ns] and files.npy.is_file() and audit is not None:
         matrix = np.load(files.npy)
@@ -157,6 +183,44 @@ def read_store(csv: str | os.PathLike) -> StoredFeatures:
     # Parsed: edited by hand, or shared without its companions; identified by what it holds.
     meta["fingerprint"] = content_fingerprint(paths, matrix)
     return StoredFeatures(paths, matrix, meta, audit)
+
+
+def _read_parquet_store(files: FeatureFiles, meta: dict, audit) -> StoredFeatures:
+    paths, matrix = read_vectors(sorted(files.parquet.glob("part-*.parquet")), int(meta["dim"]))
+    if audit is None or paths != audit.loc[audit["status"] != "skipped", "path"].tolist():
+        raise FeaturesError(f"{files.parquet} does not match its audit {files.audit}; extract again with --overwrite")
+    return StoredFeatures(paths, matrix, meta, audit)
+
+
+def read_vectors(parts, dim: int, key: str = "path") -> tuple[list[str], np.ndarray]:
+    """``(keys, matrix)`` from Parquet files with a ``key`` column and a ``vector`` column, memory-mapped."""
+    import pyarrow.parquet as pq
+
+    keys, blocks = [], []
+    for part in parts:
+        try:
+            table = pq.read_table(part, columns=[key, "vector"], memory_map=True)
+        except (OSError, ValueError) as exc:
+            raise FeaturesError(f"cannot read {part}: {exc}") from exc
+        keys.extend(table.column(key).to_pylist())
+        vectors = table.column("vector").combine_chunks()
+        # A fixed-size list column is one flat float32 buffer: reshaped, not copied row by row.
+        blocks.append(np.asarray(vectors.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim))
+    matrix = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
+    return keys, matrix
+
+
+def write_vectors(path: Path, columns: dict, vectors: np.ndarray) -> None:
+    """One Parquet file, atomically: ``columns`` (name -> list) and a fixed-size ``vector`` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    table = pa.table({**columns, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)),
+                                                                            vectors.shape[1])})
+    with atomic_write(path, "wb") as handle:
+        # Uncompressed, plain floats: reading is a memory map, not a decode.
+        pq.write_table(table, handle, compression="none", use_dictionary=[c for c in columns])
 
 
 def read_meta(files: FeatureFiles) -> dict:
@@ -197,26 +261,40 @@ def write_feature_csv(handle, paths: list[str], matrix: np.ndarray) -> None:
         handle.write(f"{_csv_field(path)},{row_format % tuple(row)}\n")
 
 
-def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np.ndarray, config: dict) -> dict:
+def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np.ndarray, config: dict,
+                store_format: str = "csv") -> dict:
     """Write every file of a store atomically; ``matrix`` has one row per non-skipped audit row.
 
-    Returns the sidecar as :func:`read_meta` would read it back.
+    ``store_format="parquet"`` writes the vectors as Parquet parts instead of
+    the CSV and ``.npy`` (and removes those of an earlier CSV store, which would
+    otherwise be read). Returns the sidecar as :func:`read_meta` would read it back.
     """
     import keras  # imported here: a run with nothing new needs neither Keras nor TensorFlow
     import sklearn
 
+    check_choice("store format", store_format, STORE_FORMATS)
     kept = audit[audit["status"] != "skipped"]
     paths = kept["path"].tolist()
-    with atomic_write(files.csv, newline="") as handle:
-        write_feature_csv(handle, paths, matrix)
-    with atomic_write(files.npy, "wb") as handle:
-        np.save(handle, matrix)
+    if store_format == "parquet":
+        _write_parquet_parts(files, paths, kept["sha256"].tolist(), matrix)
+        for stale in (files.npy, files.csv if files.csv != files.parquet else None):
+            if stale is not None and stale.is_file():
+                stale.unlink()
+        csv_stat = None
+    else:
+        with atomic_write(files.csv, newline="") as handle:
+            write_feature_csv(handle, paths, matrix)
+        with atomic_write(files.npy, "wb") as handle:
+            np.save(handle, matrix)
+        shutil.rmtree(files.parquet, ignore_errors=True)
+        stat = files.csv.stat()
+        csv_stat = [stat.st_size, stat.st_mtime_ns]
     write_csv(files.audit, audit[AUDIT_COLUMNS])
     skipped = audit.loc[audit["status"] == "skipped", ["path", "detail"]].rename(columns={"detail": "reason"})
     write_csv(files.skipped, skipped)
-    stat = files.csv.stat()
     meta = {
         "format": FORMAT_VERSION,
+        "store_format": store_format,
         "config": config,
         **config,
         "fingerprint": fingerprint(config, paths, kept["sha256"]),
@@ -225,7 +303,7 @@ def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np
         "images_root_absolute": str(root),
         "rows": int(matrix.shape[0]),
         "counts": audit["status"].value_counts().to_dict(),
-        "csv_stat": [stat.st_size, stat.st_mtime_ns],
+        "csv_stat": csv_stat,
         "versions": {
             "python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
             "keras": keras.__version__, "keras_backend": keras.backend.backend(),
@@ -235,6 +313,20 @@ def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np
     }
     write_json(files.meta, meta)
     return read_meta(files)
+
+
+def _write_parquet_parts(files: FeatureFiles, paths: list[str], shas: list[str], matrix: np.ndarray) -> None:
+    # Parts are rewritten whole: a reader never sees a part list that mixes two versions, because the
+    # sidecar written last (with the new fingerprint) is what readers check against the audit.
+    files.parquet.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for count, start in enumerate(range(0, len(paths), PARQUET_PART_ROWS), 1):
+        end = start + PARQUET_PART_ROWS
+        write_vectors(files.parquet / f"part-{count - 1:05d}.parquet",
+                      {"path": paths[start:end], "sha256": shas[start:end]}, matrix[start:end])
+    for stale in files.parquet.glob("part-*.parquet"):
+        if int(stale.stem.split("-")[1]) >= count:
+            stale.unlink()
 
 
 def find_in_library(file: str | os.PathLike, row_of: dict[str, int], images_root: str | os.PathLike) -> int | None:

@@ -75,7 +75,7 @@ def test_run_all_reads_the_features_file_once(food_db, tmp_path, monkeypatch):
     reads = []
     original = store_module.read_store
     monkeypatch.setattr(store_module, "read_store", lambda csv: reads.append(csv) or original(csv))
-    for module in ("library", "features"):
+    for module in ("library", "features", "incremental"):
         monkeypatch.setattr(f"similar_finder.{module}.read_store", store_module.read_store)
     shutil.copytree(food_db, tmp_path / "food")
     for run in range(2):  # a first run, and a second that finds everything already embedded

@@ -1,0 +1,155 @@
+"""Extraction on Ray: decoding in parallel tasks, the model in an actor pool, results in shards on disk.
+
+``RayRunner(...).run(todo, root, known)`` is the engine behind
+``extract_features(..., engine="ray")``. A Ray Data pipeline takes the files a
+run must embed (known content hashes never reach it) →
+
+1. **decode** in parallel tasks, exactly as in-process
+   (:func:`~similar_finder.engines.decode_file`: EXIF, CMYK, 16-bit, draft
+   mode; a bad file becomes a reason, never an exception);
+2. **embed** in a pool of actors that each build the Keras model once
+   (GPU actors with ``num_gpus_per_worker``; Keras on the JAX backend there);
+   each actor writes its batch's results — content hash, status, reason,
+   vector — as one Parquet shard under ``<stem>.shards/``, atomically, named
+   by the hashes it holds, and hands back only the small per-file record.
+
+Ray retries a task whose worker died, and the retried batch writes the shard
+of the same name again, so every photo is there exactly once; the driver
+merges the shards by content hash. A killed driver leaves the shards, and the
+next run reuses them. Without ``address`` a local Ray is started on this
+machine's cores; with one, the run joins that cluster (whose workers must see
+the images and the shards folder at the same paths).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .engines import decode_file, embed_padded
+from .errors import SimilarFinderError, check_positive
+from .store import write_vectors
+
+log = logging.getLogger(__name__)
+
+
+class RayUnavailableError(SimilarFinderError):
+    """Ray is not installed, or the cluster cannot be reached."""
+
+
+def decode_batch(batch: dict, root: str, size: int) -> dict:
+    """A Ray Data task: decode a batch of files (relative paths) into fixed-size pixels."""
+    paths = [str(p) for p in batch["path"]]
+    shas, pixels, fixes, errors = [], np.zeros((len(paths), size, size, 3), np.uint8), [], []
+    for i, path in enumerate(paths):
+        sha, image, fixed, error = decode_file(Path(root), path, size)
+        shas.append(sha or "")
+        if image is not None:
+            pixels[i] = image
+        fixes.append("; ".join(fixed or []))
+        errors.append(error or "")
+    return {"path": np.array(paths), "sha256": np.array(shas), "pixels": pixels, "fixes": np.array(fixes),
+            "error": np.array(errors)}
+
+
+class Embedder:
+    """A Ray Data actor: builds the backbone once, embeds batches, writes each batch as a shard."""
+
+    def __init__(self, spec: dict, adapter: str | None, shards: str, batch_size: int):
+        from .backbones import build_backbone
+
+        model = build_backbone(spec["backbone"], pooling=spec["pooling"], input_size=spec["input_size"],
+                               weights=spec["weights_arg"])
+        if adapter is not None:
+            from .adapt import AdaptedBackbone, load_adapter
+
+            model = AdaptedBackbone(model, load_adapter(adapter))
+        self.model, self.shards, self.batch_size = model, Path(shards), batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        shas, errors = batch["sha256"].astype(str), batch["error"].astype(str)
+        usable = errors == ""
+        vectors = np.zeros((len(shas), self.model.dim), np.float32)
+        if usable.any():
+            vectors[usable] = embed_padded(self.model, batch["pixels"][usable], self.batch_size)
+        status = np.where(usable, np.where(batch["fixes"].astype(str) != "", "fixed", "ok"), "skipped")
+        detail = np.where(usable, batch["fixes"].astype(str), errors)
+        hashed = shas != ""  # an unreadable file has no hash to be remembered by
+        if hashed.any():
+            name = hashlib.sha256("\n".join(shas[hashed]).encode()).hexdigest()[:24]
+            write_vectors(self.shards / f"shard-{name}.parquet",
+                          {"sha256": shas[hashed].tolist(), "status": status[hashed].tolist(),
+                           "detail": detail[hashed].tolist()}, vectors[hashed])
+        return {"path": batch["path"], "sha256": shas, "status": status, "detail": detail}
+
+
+class RayRunner:
+    """Embeds files on Ray: decode tasks → an actor pool that builds the model once per actor → shards."""
+
+    def __init__(self, spec: dict, shards: Path, *, dim: int, adapter: str | None = None,
+                 address: str | None = None, num_gpus_per_worker: float = 0, actors: int | None = None,
+                 batch_size: int = 32, progress: bool = True):
+        self.spec, self.shards, self.dim, self.adapter = spec, Path(shards), int(dim), adapter
+        self.address, self.num_gpus = address, float(num_gpus_per_worker)
+        self.actors = None if actors is None else check_positive("actors", actors)
+        self.batch_size, self.progress = check_positive("batch_size", batch_size), progress
+
+    def _connect(self):
+        try:
+            import ray
+        except ImportError as exc:
+            raise RayUnavailableError("engine='ray' needs Ray: pip install 'similar_finder[ray]' "
+                                      "(or pip install 'ray[data]')") from exc
+        if not ray.is_initialized():
+            try:
+                # Workers must import similar_finder and find their logs quiet, as the driver does.
+                ray.init(address=self.address, include_dashboard=False, configure_logging=True,
+                         logging_level=logging.WARNING, log_to_driver=False,
+                         runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise RayUnavailableError(f"cannot start or reach Ray at {self.address or 'this machine'}: {exc}") \
+                    from exc
+        return ray
+
+    def _pool_size(self, ray) -> int:
+        if self.actors is not None:
+            return self.actors
+        resources = ray.cluster_resources()
+        if self.num_gpus:
+            return max(1, int(resources.get("GPU", 0) // self.num_gpus))
+        # An actor's model uses several cores by itself; the rest decode.
+        return max(1, int(resources.get("CPU", 1)) // 4)
+
+    def run(self, todo: list[tuple[str, str | None]], root: Path, known) -> dict[str, str]:
+        """Embed ``todo`` into shards, then read them into ``known``; returns each file's content hash."""
+        ray = self._connect()
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = self.progress
+        self.shards.mkdir(parents=True, exist_ok=True)
+        paths = [p for p, _ in todo]
+        blocks = max(1, min(len(paths) // self.batch_size, 8 * int(ray.cluster_resources().get("CPU", 1))))
+        size = self.spec["input_size"]
+        actor_options = {"num_gpus": self.num_gpus} if self.num_gpus else {"num_cpus": 1}
+        dataset = (ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
+                   .map_batches(decode_batch, fn_kwargs={"root": str(root), "size": size},
+                                batch_size=self.batch_size, batch_format="numpy")
+                   .map_batches(Embedder, fn_constructor_kwargs={"spec": self.spec, "adapter": self.adapter,
+                                                                 "shards": str(self.shards),
+                                                                 "batch_size": self.batch_size},
+                                batch_size=self.batch_size, batch_format="numpy",
+                                concurrency=self._pool_size(ray), **actor_options))
+        new_shas: dict[str, str] = {}
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for path, sha, status, detail in zip(batch["path"], batch["sha256"], batch["status"], batch["detail"]):
+                path, sha, detail = str(path), str(sha), str(detail)
+                if sha:
+                    new_shas[path] = sha
+                if status == "skipped":
+                    log.warning("skipped %s: %s", path, detail)
+                    if not sha:
+                        known.unreadable[path] = detail
+        known.add_shards(self.shards, self.dim)
+        return new_shas
