@@ -125,22 +125,25 @@ class RayRunner:
     def run(self, todo: list[tuple[str, str | None]], root: Path, known) -> dict[str, str]:
         """Embed ``todo`` into shards, then read them into ``known``; returns each file's content hash."""
         ray = self._connect()
-        from ray.data import DataContext
+        from ray.data import ActorPoolStrategy, DataContext
 
         DataContext.get_current().enable_progress_bars = self.progress
+        logging.getLogger("ray.data").setLevel(logging.INFO if self.progress else logging.WARNING)
         self.shards.mkdir(parents=True, exist_ok=True)
         paths = [p for p, _ in todo]
         blocks = max(1, min(len(paths) // self.batch_size, 8 * int(ray.cluster_resources().get("CPU", 1))))
         size = self.spec["input_size"]
         actor_options = {"num_gpus": self.num_gpus} if self.num_gpus else {"num_cpus": 1}
         dataset = (ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
+                   # Half a CPU a decode task: decoding is light and partly I/O, and a resource request
+                   # unlike the actors' keeps it a stage of its own instead of fused into them.
                    .map_batches(decode_batch, fn_kwargs={"root": str(root), "size": size},
-                                batch_size=self.batch_size, batch_format="numpy")
+                                batch_size=self.batch_size, batch_format="numpy", num_cpus=0.5)
                    .map_batches(Embedder, fn_constructor_kwargs={"spec": self.spec, "adapter": self.adapter,
                                                                  "shards": str(self.shards),
                                                                  "batch_size": self.batch_size},
                                 batch_size=self.batch_size, batch_format="numpy",
-                                concurrency=self._pool_size(ray), **actor_options))
+                                compute=ActorPoolStrategy(size=self._pool_size(ray)), **actor_options))
         new_shas: dict[str, str] = {}
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for path, sha, status, detail in zip(batch["path"], batch["sha256"], batch["status"], batch["detail"]):
