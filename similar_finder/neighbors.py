@@ -16,18 +16,53 @@ vectors for cosine, optionally mean-centred) and answers, scikit-learn style:
 
 Everything above it (the recommender, threshold calibration, evaluation,
 duplicates) uses this class rather than writing its own loop.
+
+**Search at scale.** ``index="auto"`` (the default) picks by library size:
+brute force up to ``IVF_ABOVE`` vectors (one query reads the whole matrix:
+about 50 ms at 200k x 1280 on two cores), a FAISS inverted-file index of
+exact vectors (IVF-Flat) up to ``PQ_ABOVE``, and above that an inverted file
+of product-quantised codes (IVF-PQ, ``pq_bytes`` a vector), whose candidates
+are re-ranked by exact distance from the raw rows. Indexes are trained on a
+sample and added in blocks; given an ``index_file`` (the recommender passes
+one for a library) the trained index is saved there atomically, keyed by the
+library's fingerprint and the index settings, and memory-mapped on the next
+fit instead of being trained again.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+from pathlib import Path
+
 import numpy as np
 
+from ._io import atomic_write, read_json, write_json
 from .errors import UsageError, check_choice
+
+log = logging.getLogger(__name__)
 
 METRICS = ("cosine", "euclidean", "manhattan", "chi2", "hamming")
 BLOCK_ELEMENTS = 2 ** 25  # a query x library block of at most ~128 MB of float32
 GATE_NEIGHBOURS = 3  # the domain gate looks at a query's 3 nearest photos, not just one (robust to a lone copy)
 GATE_CANDIDATES = 32  # with centring, uncentred distances are measured on the 32 best-ranked candidates
-FAISS_EXACT_BELOW = 10_000  # below this, an exact flat index is as fast as an inverted one
+FAISS_EXACT_BELOW = 10_000  # index="faiss": below this, an exact flat index is as fast as an inverted one
+INDEXES = ("auto", "brute", "faiss", "ivf", "ivfpq")
+FAISS_METRICS = ("cosine", "euclidean")
+# index="auto": brute force up to IVF_ABOVE vectors, IVF-Flat up to PQ_ABOVE, IVF-PQ beyond. Brute force
+# reads the whole matrix per query (memory-bound): on the 2-core machine, 1280-d, it passes ~50 ms a query
+# at about 200k vectors. IVF-Flat holds a second full-precision copy of the library (2M x 1280 floats:
+# 10 GB beside the 10 GB of the library itself); IVF-PQ holds pq_bytes a vector.
+IVF_ABOVE = 200_000
+PQ_ABOVE = 2_000_000
+# Lists: sqrt(n), at most NLIST_MAX. Adding a vector costs nlist x dim multiply-adds (its nearest list):
+# 10M x 1280-d with 4,096 lists would be ~100 TFLOP, half an hour on two cores; 1,024 lists take minutes,
+# and their longer lists cost little at query time when they hold 64-byte codes.
+NLIST_MAX = 1024
+PQ_BYTES = 64  # IVF-PQ: bytes per vector (subquantizers of 8 bits); 1280-d -> 64 codes of 20 dimensions
+PQ_TRAIN = 65_536  # IVF-PQ trains on at least this many vectors (sampled): 256 centroids per subquantizer
+RERANK = 4  # IVF-PQ: 4 x the asked neighbours are fetched from the codes and re-ranked by exact distance
+ADD_BLOCK = 65_536  # vectors transformed and added to an index at a time
+INDEX_FORMAT = 1  # bump when what is saved in an index file changes
 
 
 def l2_normalize(x: np.ndarray, *, copy: bool = True) -> np.ndarray:
@@ -108,32 +143,84 @@ def _sorted_head(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Neighbors:
-    """Nearest neighbours over a fixed library of vectors (brute force, or FAISS for very large ones).
+    """Nearest neighbours over a fixed library of vectors (brute force, or a FAISS index for large ones).
 
     ``center=True`` (cosine only) subtracts the library's mean vector before
     normalising (off by default here; the :class:`Recommender` turns it on for
-    cosine); ``index="faiss"`` answers ``kneighbors`` from a FAISS index
-    (exact below 10k vectors, an inverted-file index probing ``nprobe`` lists above).
+    cosine). ``index`` answers ``kneighbors``:
+
+    * ``"auto"`` (default): ``"brute"`` up to ``ivf_above`` vectors (and for
+      metrics FAISS lacks, or without FAISS installed), ``"ivf"`` up to
+      ``pq_above``, ``"ivfpq"`` beyond;
+    * ``"brute"``: exact, NumPy matrix products in bounded blocks;
+    * ``"faiss"``: an exact FAISS index below 10k vectors, IVF-Flat with
+      sqrt(n) lists above;
+    * ``"ivf"``: IVF-Flat, sqrt(n) lists (at most ``NLIST_MAX``), probing ``nprobe``;
+    * ``"ivfpq"``: IVF-PQ, ``pq_bytes`` a vector; the ``rerank`` x k best codes
+      are re-ranked by exact distance from the raw rows (``rerank=0``: distances
+      of the codes, approximate).
+
+    The chosen one is ``index_type_`` after :meth:`fit` (``"flat"`` for the exact FAISS index).
     """
 
-    def __init__(self, metric: str = "cosine", *, center: bool = False, index: str = "brute", nprobe: int = 16):
+    def __init__(self, metric: str = "cosine", *, center: bool = False, index: str = "auto", nprobe: int = 16,
+                 ivf_above: int = IVF_ABOVE, pq_above: int = PQ_ABOVE, pq_bytes: int = PQ_BYTES,
+                 rerank: int = RERANK):
         self.metric = check_choice("metric", metric, METRICS)
         self.center = bool(center)
-        self.index = check_choice("index", index, ("brute", "faiss"))
+        self.index = check_choice("index", index, INDEXES)
         self.nprobe = nprobe
+        self.ivf_above, self.pq_above, self.pq_bytes, self.rerank = int(ivf_above), int(pq_above), int(pq_bytes), int(rerank)
 
-    def fit(self, features: np.ndarray) -> "Neighbors":
+    def fit(self, features: np.ndarray, *, index_file=None, fingerprint: str | None = None) -> "Neighbors":
+        """Hold ``features``; with ``index_file`` and ``fingerprint`` (the library's), a trained FAISS
+        index is saved there and reused while the fingerprint and the index settings are unchanged."""
         features = as_matrix(features)
         self.raw_ = features  # the caller's array (no copy): queries by row read it
         self.mean_ = features.mean(0) if self.center and self.metric == "cosine" else None
         # Uncentred cosine for the gate needs each row's length; only kept when centring.
         self.norms_ = None if self.mean_ is None else np.sqrt(np.einsum("ij,ij->i", features, features))
-        if self.index == "faiss":
-            # FAISS holds its own copy of the library; a second one in NumPy would double the memory.
-            self.library_, self.faiss_index_ = None, self._build_faiss(features)
-        else:
+        self.index_type_ = self.index_for(len(features))
+        self.index_loaded_ = False  # True when the index was read from index_file instead of trained
+        if self.index_type_ == "brute":
             self.library_, self.faiss_index_ = self.transform(features), None
+        else:
+            # FAISS holds its own copy of the library; a second one in NumPy would double the memory.
+            self.library_ = None
+            self.faiss_index_ = self._load_or_build(features, index_file, fingerprint)
         return self
+
+    def index_for(self, n: int) -> str:
+        """The index :meth:`fit` builds for ``n`` vectors: brute, flat, ivf or ivfpq."""
+        if self.index == "brute":
+            return "brute"
+        if self.index == "auto":
+            if self.metric not in FAISS_METRICS or n <= self.ivf_above:
+                return "brute"
+            if not _faiss_available():
+                log.warning("%d vectors: brute force is slow at this size; pip install faiss-cpu for an index", n)
+                return "brute"
+            return "ivf" if n <= self.pq_above else "ivfpq"
+        if self.metric not in FAISS_METRICS:
+            raise UsageError("the FAISS index supports the cosine and euclidean metrics; use index='brute'")
+        if self.index == "faiss":
+            return "flat" if n < FAISS_EXACT_BELOW else "ivf"
+        return self.index
+
+    def index_settings(self, n: int, dim: int) -> dict:
+        """What the trained index depends on, besides the vectors: its type, size and parameters."""
+        kind = self.index_for(n)
+        nlist = int(np.sqrt(n)) if self.index == "faiss" else int(np.clip(np.sqrt(n), 1, NLIST_MAX))
+        settings = {"format": INDEX_FORMAT, "type": kind, "metric": self.metric,
+                    "center": self.center and self.metric == "cosine", "n": int(n), "dim": int(dim)}
+        if kind in ("ivf", "ivfpq"):
+            settings["nlist"] = max(1, nlist)
+            settings["train"] = int(min(n, max(39 * nlist, PQ_TRAIN if kind == "ivfpq" else 0)))
+        if kind == "ivfpq":
+            settings["m"] = max(m for m in range(1, min(self.pq_bytes, dim) + 1) if dim % m == 0)
+            # 256 centroids per subquantizer want 39 x 256 training vectors; fewer, fewer bits.
+            settings["nbits"] = int(np.clip(np.floor(np.log2(max(settings["train"] / 39, 2))), 1, 8))
+        return settings
 
     @property
     def n(self) -> int:
@@ -156,9 +243,16 @@ class Neighbors:
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
         """Distance of each raw query vector to every library vector (one block: keep queries few)."""
-        library = self.library_ if self.library_ is not None else self.transform(self.raw_)
-        return pairwise_distances(self.transform(self._check_queries(queries)), library, self.metric,
-                                  library_normalized=True)
+        queries = self.transform(self._check_queries(queries))
+        if self.library_ is not None:
+            return pairwise_distances(queries, self.library_, self.metric, library_normalized=True)
+        # Behind a FAISS index there is no transformed copy: transform the library a bounded chunk at a time.
+        out = np.empty((len(queries), self.n), np.float32)
+        step = max(1, BLOCK_ELEMENTS // (4 * self.raw_.shape[1]))
+        for start in range(0, self.n, step):
+            out[:, start:start + step] = pairwise_distances(queries, self.transform(self.raw_[start:start + step]),
+                                                            self.metric, library_normalized=True)
+        return out
 
     def blocks(self, queries: np.ndarray | None = None, *, rows=None):
         """Yield ``(positions, distances)`` over the queries in blocks of bounded size.
@@ -249,28 +343,28 @@ class Neighbors:
             found_d.append(block[r[keep], c[keep]])
         return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d)
 
-    def _build_faiss(self, features: np.ndarray):
-        if self.metric not in ("cosine", "euclidean"):
-            raise UsageError("the FAISS index supports the cosine and euclidean metrics; use index='brute'")
-        try:
-            import faiss
-        except ImportError as exc:
-            raise UsageError("index='faiss' needs FAISS: pip install faiss-cpu") from exc
-        n, dim = features.shape
-        inner = self.metric == "cosine"
-        metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
-        if n < FAISS_EXACT_BELOW:
-            index = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
-        else:
-            # sqrt(n) lists trained on 39 points each (FAISS's minimum) keeps training to
-            # seconds at 100k and about a minute at 1M on two cores.
-            nlist = int(np.sqrt(n))
-            quantizer = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
-            index.train(self.transform(features[sample_rows(n, nlist * 39)]))
+    def _load_or_build(self, features: np.ndarray, index_file, fingerprint):
+        settings = self.index_settings(*features.shape)
+        persist = index_file is not None and fingerprint is not None and settings["type"] != "flat"
+        key = {**settings, "fingerprint": fingerprint}
+        if persist:
+            index = load_index(Path(index_file), key)
+            if index is not None:
+                self.index_loaded_ = True
+                return self._tuned(index)
+        if settings["n"] >= 100_000:
+            log.info("building a FAISS %s index of %d vectors (%s lists)", settings["type"], settings["n"],
+                     settings.get("nlist", "no"))
+        train = features[sample_rows(len(features), settings["train"])] if "train" in settings else features[:0]
+        index = build_index(settings, self.transform(train),
+                            (self.transform(features[s:s + ADD_BLOCK]) for s in range(0, len(features), ADD_BLOCK)))
+        if persist:
+            save_index(index, Path(index_file), key)
+        return self._tuned(index)
+
+    def _tuned(self, index):
+        if hasattr(index, "nprobe"):
             index.nprobe = self.nprobe
-        for start in range(0, n, 65_536):  # add in blocks: no full transformed copy at once
-            index.add(self.transform(features[start:start + 65_536]))
         return index
 
     def _faiss_kneighbors(self, queries, rows, k):
@@ -280,8 +374,133 @@ class Neighbors:
         else:
             queries = self._check_queries(queries)
             exclude = np.full(len(queries), -1)
-        scores, indices = self.faiss_index_.search(np.ascontiguousarray(self.transform(queries)), k + 1)
-        distances = 1.0 - scores if self.metric == "cosine" else np.sqrt(np.maximum(scores, 0))
-        distances[(indices == exclude[:, None]) | (indices < 0)] = np.inf
-        order = np.argsort(distances, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+        reranked = self.index_type_ == "ivfpq" and self.rerank > 0
+        fetch = min(self.n, (k + 1) * (self.rerank if reranked else 1))
+        out_d = np.empty((len(queries), k), np.float32)
+        out_i = np.empty((len(queries), k), np.int64)
+        for start in range(0, len(queries), ADD_BLOCK):  # bounded: no transformed copy of every query at once
+            block = slice(start, start + ADD_BLOCK)
+            unit = np.ascontiguousarray(self.transform(queries[block]))
+            scores, indices = self.faiss_index_.search(unit, fetch)
+            if reranked:
+                distances = self._exact(unit, indices)
+            else:
+                distances = 1.0 - scores if self.metric == "cosine" else np.sqrt(np.maximum(scores, 0))
+            missing = (indices == exclude[block, None]) | (indices < 0)
+            distances[missing] = np.inf
+            indices[missing] = -1  # never the row itself, not even as padding
+            order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+            out_d[block], out_i[block] = np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+        return out_d, out_i
+
+    def _exact(self, unit: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Exact ranking distances from transformed queries to the library rows ``indices`` (inf where -1)."""
+        out = np.full(indices.shape, np.inf, np.float32)
+        dim = self.raw_.shape[1]
+        step = max(1, BLOCK_ELEMENTS // max(1, indices.shape[1] * dim))
+        for start in range(0, len(indices), step):
+            chunk = indices[start:start + step]
+            valid = chunk >= 0
+            rows = self.transform(self.raw_[np.where(valid, chunk, 0).ravel()]).reshape(*chunk.shape, dim)
+            if self.metric == "cosine":
+                found = 1.0 - np.einsum("bd,bmd->bm", unit[start:start + step], rows)
+            else:
+                found = np.sqrt(np.maximum(((rows - unit[start:start + step, None]) ** 2).sum(-1), 0.0))
+            out[start:start + step] = np.where(valid, found, np.inf)
+        return out
+
+
+# --- FAISS indexes: building, saving, loading ------------------------------------------
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise UsageError("a FAISS index needs FAISS: pip install faiss-cpu") from exc
+    return faiss
+
+
+def new_index(settings: dict):
+    """An empty FAISS index for :meth:`Neighbors.index_settings` (inner product for cosine, else L2)."""
+    faiss = _faiss()
+    dim, inner = settings["dim"], settings["metric"] == "cosine"
+    quantizer = faiss.IndexFlatIP(dim) if inner else faiss.IndexFlatL2(dim)
+    if settings["type"] == "flat":
+        return quantizer
+    metric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
+    if settings["type"] == "ivf":
+        return faiss.IndexIVFFlat(quantizer, dim, settings["nlist"], metric)
+    return faiss.IndexIVFPQ(quantizer, dim, settings["nlist"], settings["m"], settings["nbits"], metric)
+
+
+def build_index(settings: dict, train: np.ndarray, blocks):
+    """A FAISS index trained on ``train`` and filled from ``blocks`` (arrays of vectors, in row order),
+    all already in the space distances are measured in (unit vectors for cosine)."""
+    index = new_index(settings)
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(train, np.float32))
+    for block in blocks:
+        index.add(np.ascontiguousarray(block, np.float32))
+    return index
+
+
+def _key_file(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _file_check(path: Path) -> str:
+    """A cheap identity of a large file: its size and the hash of its first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(2 ** 20))
+        handle.seek(max(0, size - 2 ** 20))
+        digest.update(handle.read(2 ** 20))
+    return digest.hexdigest()[:32]
+
+
+def save_index(index, path: Path, key: dict) -> None:
+    """Write ``index`` to ``path`` atomically and its ``key`` beside it (``<path>.json``)."""
+    faiss = _faiss()
+    _key_file(path).unlink(missing_ok=True)  # an index is only ever trusted with its own key
+    try:
+        with atomic_write(path, "wb") as handle:  # a temporary file in the same folder, renamed when complete
+            faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+        write_json(_key_file(path), {**key, "check": _file_check(path)})
+    except OSError as exc:  # a read-only library still answers, from an index in memory
+        log.warning("cannot save the index %s: %s", path, exc)
+
+
+def load_index(path: Path, key: dict):
+    """The index saved at ``path`` for ``key``, memory-mapped; None (rebuild) if missing, stale or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        held = read_json(_key_file(path))
+    except (OSError, ValueError):
+        log.warning("the index %s has no readable key beside it; rebuilding it", path)
+        return None
+    if {k: held.get(k) for k in key} != key:
+        log.info("the index %s was built for other features or settings; rebuilding it", path)
+        return None
+    faiss = _faiss()
+    try:
+        if held.get("check") != _file_check(path):
+            raise ValueError("it is not the file that was written")
+        # IO_FLAG_MMAP maps the inverted lists of IVF-Flat and IVF-PQ files (as OnDiskInvertedLists,
+        # read-only) instead of reading them: checked with faiss-cpu 1.15 for both.
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        if index.ntotal != key["n"] or index.d != key["dim"]:
+            raise ValueError(f"it holds {index.ntotal} vectors of {index.d} dimensions")
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.warning("the index %s is damaged (%s); rebuilding it", path, str(exc).splitlines()[0][:200])
+        return None
+    return index

@@ -37,7 +37,7 @@ from ._io import DEFAULT_FEATURES
 from .errors import UsageError, check_choice, check_positive
 from .kinds import get_kind
 from .library import Library, as_library
-from .neighbors import METRICS, Neighbors, as_matrix, own_rows
+from .neighbors import IVF_ABOVE, METRICS, PQ_ABOVE, PQ_BYTES, Neighbors, as_matrix, own_rows
 from .thresholds import calibrate_threshold
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,14 @@ class Recommender(Approach):
     library (:meth:`calibrate`, stored with :meth:`Library.save_threshold`),
     else the unlabelled rule of :func:`~similar_finder.thresholds.calibrate_threshold`;
     ``gate=np.inf`` turns the gate off.
-    ``index="faiss"`` uses a FAISS index (``pip install faiss-cpu``) for very
-    large libraries: exact below 10k images, an inverted-file index above.
+    ``index="auto"`` (default) searches by brute force up to ``ivf_above``
+    images (200k), with a FAISS IVF-Flat index up to ``pq_above`` (2M) and an
+    IVF-PQ index beyond (see :class:`~similar_finder.neighbors.Neighbors`;
+    also ``"brute"``, ``"ivf"``, ``"ivfpq"``, and ``"faiss"``: exact below 10k
+    images, IVF-Flat above). Fitted on a :class:`Library`, a trained index is
+    saved beside the features (``<stem>.faiss`` for CNN features, cosine,
+    centred; others in ``<stem>.cache/``) and memory-mapped by the next fit
+    while the library's fingerprint is unchanged.
 
     ``query_expansion=n`` (cosine only; off by default) re-ranks by alpha query
     expansion: the query plus its ``n`` nearest photos, weighted by similarity
@@ -125,15 +131,18 @@ class Recommender(Approach):
     approach = "cosine"
 
     def __init__(self, metric: str | None = None, threshold: float | None = None, *, gate: float | None = None,
-                 kind: str = "cnn", center: bool = True, index: str = "brute", nprobe: int = 16,
-                 query_expansion: int = 0, alpha: float = 3.0):
+                 kind: str = "cnn", center: bool = True, index: str = "auto", nprobe: int = 16,
+                 query_expansion: int = 0, alpha: float = 3.0, ivf_above: int = IVF_ABOVE,
+                 pq_above: int = PQ_ABOVE, pq_bytes: int = PQ_BYTES):
         self.kind = get_kind(kind).name
         self.metric = check_choice("metric", metric or get_kind(kind).metric, METRICS)
         self.threshold, self.gate, self.center, self.index, self.nprobe = threshold, gate, center, index, nprobe
         if query_expansion and self.metric != "cosine":
             raise UsageError("query expansion averages directions: it needs the cosine metric")
         self.query_expansion, self.alpha = int(query_expansion), float(alpha)
-        self.neighbors = Neighbors(self.metric, center=center, index=index, nprobe=nprobe)
+        self.ivf_above, self.pq_above, self.pq_bytes = ivf_above, pq_above, pq_bytes
+        self.neighbors = Neighbors(self.metric, center=center, index=index, nprobe=nprobe, ivf_above=ivf_above,
+                                   pq_above=pq_above, pq_bytes=pq_bytes)
 
     @classmethod
     def from_library(cls, library=DEFAULT_FEATURES, kind: str = "cnn", metric: str | None = None,
@@ -144,10 +153,23 @@ class Recommender(Approach):
     def fit(self, features, paths=None) -> "Recommender":
         """Hold the library: a :class:`Library`, or a matrix (images x dimensions) with optional paths."""
         matrix = self._fit_library(features, paths, self.kind)
-        self.neighbors.fit(matrix)
+        self.neighbors.fit(matrix, index_file=self.index_file(len(matrix)),
+                           fingerprint=None if self.library_ is None else self.library_.fingerprint)
         self.raw_ = matrix
         self.threshold_, self.gate_ = self._resolve_threshold()
         return self
+
+    def index_file(self, n: int | None = None):
+        """Where the trained index of this recommender's library is kept (None: a bare matrix, or brute force)."""
+        if self.library_ is None:
+            return None
+        kind = self.neighbors.index_for(len(self.library_) if n is None else n)
+        if kind in ("brute", "flat"):
+            return None
+        if self.kind == "cnn" and self.metric == "cosine" and self.center:
+            return self.library_.files.index()
+        centring = "centred" if self.center and self.metric == "cosine" else "plain"
+        return self.library_.files.index(f"{self.kind}-{self.metric}-{centring}-{kind}")
 
     def _resolve_threshold(self) -> tuple[float, float]:
         if self.threshold is not None and self.gate is not None:
@@ -196,10 +218,12 @@ class Recommender(Approach):
         first_d, first_i = first
         own = queries is None
         start = self.neighbors.transform(self.raw_[own_rows(len(self.raw_), rows)] if own else queries)
-        library = self.neighbors.library_ if self.neighbors.library_ is not None else \
-            self.neighbors.transform(self.raw_)
+        if self.neighbors.library_ is not None:
+            found = self.neighbors.library_[first_i]
+        else:  # behind a FAISS index: transform only the rows used (-1 pads weigh 0: infinite distance)
+            found = self.neighbors.transform(self.raw_[first_i.ravel()]).reshape(*first_i.shape, -1)
         weights = np.clip(1.0 - first_d, 0.0, None) ** self.alpha
-        expanded = start + np.einsum("qn,qnd->qd", weights, library[first_i])
+        expanded = start + np.einsum("qn,qnd->qd", weights, found)
         # A raw vector whose transform is the expanded direction: the library mean plus that direction.
         mean = self.neighbors.mean_ if self.neighbors.mean_ is not None else 0.0
         raw = mean + expanded / np.linalg.norm(expanded, axis=1, keepdims=True)
