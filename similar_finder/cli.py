@@ -84,7 +84,9 @@ def _extract(args) -> None:
     images = args.images_dir if args.images_dir is not None else ensure_demo_library()
     library = extract_features(images, args.out, **_backbone_kwargs(args), batch_size=args.batch_size,
                                workers=args.workers, checkpoint_every=args.checkpoint_every,
-                               overwrite=args.overwrite, progress=not args.quiet)
+                               overwrite=args.overwrite, progress=not args.quiet, engine=args.engine,
+                               address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,
+                               actors=args.actors, store_format=args.format)
     if library.stats.skipped:
         print(f"{library.stats.skipped} files skipped; reasons in {library.files.skipped}", file=sys.stderr)
 
@@ -206,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save progress every N images, so an interrupted run resumes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing features file made with other "
                                                             "settings")
+    p.add_argument("--format", choices=("csv", "parquet"), default=None,
+                   help="store the vectors as CSV (+ .npy) or as Parquet parts, for very large libraries (default: "
+                        "parquet for an --out ending in .parquet, else the store's own format, else csv)")
+    group = p.add_argument_group("engine")
+    group.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="embed in this process (default) or on Ray: parallel decoding, one model per actor")
+    group.add_argument("--address", default=None,
+                       help="with --engine ray: the cluster to join (e.g. ray://head:10001); default: a local Ray "
+                            "on this machine's cores")
+    group.add_argument("--num-gpus-per-worker", type=float, default=0, help="with --engine ray: GPUs per model actor")
+    group.add_argument("--actors", type=int, default=None,
+                       help="with --engine ray: model actors at once (default: one per GPU share, else one per 4 CPUs)")
     _quiet(p)
     p.set_defaults(run=_extract)
 

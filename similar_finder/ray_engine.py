@@ -23,16 +23,24 @@ the images and the shards folder at the same paths).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 
+from ._quiet import native_stderr_filtered
 from .engines import decode_file, embed_padded
 from .errors import SimilarFinderError, check_positive
 from .store import write_vectors
 
 log = logging.getLogger(__name__)
+
+
+# Ray's lines on a healthy local run that say nothing to the user of an extraction.
+RAY_NOISE = re.compile(r"Token authentication is enabled|constructor arguments in the object store|"
+                       r"Progress bars disabled|Started a local Ray instance|concurrency.. is deprecated")
 
 
 class RayUnavailableError(SimilarFinderError):
@@ -104,10 +112,13 @@ class RayRunner:
                                       "(or pip install 'ray[data]')") from exc
         if not ray.is_initialized():
             try:
-                # Workers must import similar_finder and find their logs quiet, as the driver does.
-                ray.init(address=self.address, include_dashboard=False, configure_logging=True,
-                         logging_level=logging.WARNING, log_to_driver=False,
-                         runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+                # A local Ray listens on loopback only: nothing of it is reachable from the network.
+                local = {} if self.address else {"_node_ip_address": "127.0.0.1"}
+                with native_stderr_filtered(RAY_NOISE):
+                    # Workers log as quietly as the driver: their TensorFlow start-up is filtered the same way.
+                    ray.init(address=self.address, include_dashboard=False, configure_logging=True,
+                             logging_level=logging.WARNING, log_to_driver=False,
+                             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}, **local)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise RayUnavailableError(f"cannot start or reach Ray at {self.address or 'this machine'}: {exc}") \
                     from exc
@@ -145,7 +156,10 @@ class RayRunner:
                                 batch_size=self.batch_size, batch_format="numpy",
                                 compute=ActorPoolStrategy(size=self._pool_size(ray)), **actor_options))
         new_shas: dict[str, str] = {}
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        with native_stderr_filtered(RAY_NOISE):  # the actors' start-up: its lines are Ray's, not the user's
+            first = next(batches, None)
+        for batch in itertools.chain([first] if first is not None else [], batches):
             for path, sha, status, detail in zip(batch["path"], batch["sha256"], batch["status"], batch["detail"]):
                 path, sha, detail = str(path), str(sha), str(detail)
                 if sha:
