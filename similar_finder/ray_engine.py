@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,34 @@ class Embedder:
         return {"path": batch["path"], "sha256": shas, "status": status, "detail": detail}
 
 
+def import_ray(local: bool = True):
+    """The ``ray`` module; ``local``: set up first so that a Ray started here listens on loopback only."""
+    if local and "ray" not in sys.modules:
+        # Ray avoids loopback on Linux (it serves other machines of a cluster); a Ray of one machine has no
+        # other machines to serve: on 127.0.0.1 nothing of it is reachable from, or talks to, the network.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayUnavailableError("engine='ray' needs Ray: pip install 'similar_finder[ray]' "
+                                  "(or pip install 'ray[data]')") from exc
+    return ray
+
+
+def start_ray(address: str | None = None, **init_kwargs):
+    """Join the Ray cluster at ``address``, or start a local one on this machine's cores (on loopback)."""
+    ray = import_ray(local=address is None)
+    try:
+        with native_stderr_filtered(RAY_NOISE):
+            # Workers log as quietly as the driver: their TensorFlow start-up is filtered the same way.
+            ray.init(address=address, include_dashboard=False, configure_logging=True,
+                     logging_level=logging.WARNING, log_to_driver=False,
+                     runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}, **init_kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayUnavailableError(f"cannot start or reach Ray at {address or 'this machine'}: {exc}") from exc
+    return ray
+
+
 class RayRunner:
     """Embeds files on Ray: decode tasks → an actor pool that builds the model once per actor → shards."""
 
@@ -105,23 +135,9 @@ class RayRunner:
         self.batch_size, self.progress = check_positive("batch_size", batch_size), progress
 
     def _connect(self):
-        try:
-            import ray
-        except ImportError as exc:
-            raise RayUnavailableError("engine='ray' needs Ray: pip install 'similar_finder[ray]' "
-                                      "(or pip install 'ray[data]')") from exc
+        ray = import_ray(local=self.address is None)
         if not ray.is_initialized():
-            try:
-                # A local Ray listens on loopback only: nothing of it is reachable from the network.
-                local = {} if self.address else {"_node_ip_address": "127.0.0.1"}
-                with native_stderr_filtered(RAY_NOISE):
-                    # Workers log as quietly as the driver: their TensorFlow start-up is filtered the same way.
-                    ray.init(address=self.address, include_dashboard=False, configure_logging=True,
-                             logging_level=logging.WARNING, log_to_driver=False,
-                             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}, **local)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise RayUnavailableError(f"cannot start or reach Ray at {self.address or 'this machine'}: {exc}") \
-                    from exc
+            start_ray(self.address)
         return ray
 
     def _pool_size(self, ray) -> int:

@@ -12,7 +12,12 @@ import pytest
 
 from conftest import CLOTHING, FOOD_DB
 
-ray = pytest.importorskip("ray")
+from similar_finder.ray_engine import RayUnavailableError, import_ray, start_ray  # noqa: E402
+
+try:
+    ray = import_ray(local=True)  # before anyone else imports it: a local Ray then listens on loopback only
+except RayUnavailableError as exc:
+    pytest.skip(str(exc), allow_module_level=True)
 
 from similar_finder import extract_features  # noqa: E402
 from similar_finder.store import FeaturesError  # noqa: E402
@@ -20,9 +25,9 @@ from similar_finder.store import FeaturesError  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    # On loopback only, as the engine starts it: the test talks to nothing but this machine's 127.0.0.1.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    # Started as the engine starts it, on loopback only: the test talks to nothing but 127.0.0.1.
+    start_ray(num_cpus=2)
+    assert ray._private.worker.global_worker.node.gcs_address.startswith("127.0.0.1:")
     yield
     ray.shutdown()
 
