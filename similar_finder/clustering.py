@@ -32,6 +32,9 @@ DEFAULT_CLUSTERS = DATA_DIR / "clusters.csv"
 DEFAULT_K_RANGE = range(2, 11)
 SILHOUETTE_SAMPLE = 5_000  # above this many vectors the silhouette is estimated on a sample
 MINIBATCH_ABOVE = 20_000  # above this many vectors MiniBatchKMeans replaces KMeans
+CHUNK_ROWS = 65_536  # rows normalised at a time by MiniBatchKMeans' feeding
+MINIBATCH_ROWS = 4_096
+MAX_PASSES = 10
 ORDERS = ("distance", "file")
 
 
@@ -47,12 +50,36 @@ def clip_k_range(k_range, n: int) -> range:
     return range(min(ks), max(ks) + 1)
 
 
-def _kmeans(k: int, n: int, random_state: int):
+def fit_kmeans(k: int, features: np.ndarray, *, normalize: bool = True, random_state: int = 0):
+    """``(model, labels, inertia)`` of K-Means with ``k`` clusters.
+
+    Up to :data:`MINIBATCH_ABOVE` vectors: scikit-learn's KMeans on the (unit)
+    vectors. Above: MiniBatchKMeans fed chunk by chunk, each chunk normalised
+    as it is read, so no normalised copy of a large library is ever made; passes
+    over the chunks stop when the inertia no longer improves.
+    """
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    if n > MINIBATCH_ABOVE:
-        return MiniBatchKMeans(k, random_state=random_state, n_init=3, batch_size=4096)
-    return KMeans(k, random_state=random_state, n_init=10)
+    prepare = l2_normalize if normalize else (lambda chunk: np.asarray(chunk, np.float32))
+    n = len(features)
+    if n <= MINIBATCH_ABOVE:
+        model = KMeans(k, random_state=random_state, n_init=10).fit(prepare(features))
+        return model, model.labels_, float(model.inertia_)
+    rng = np.random.default_rng(random_state)
+    model = MiniBatchKMeans(k, random_state=random_state, batch_size=MINIBATCH_ROWS, n_init=3)
+    model.partial_fit(prepare(features[np.sort(rng.choice(n, min(n, 20 * MINIBATCH_ROWS), replace=False))]))
+    previous = np.inf
+    for _ in range(MAX_PASSES):
+        for start in rng.permutation(np.arange(0, n, CHUNK_ROWS)):
+            chunk = prepare(features[start:start + CHUNK_ROWS])
+            for batch in range(0, len(chunk), MINIBATCH_ROWS):
+                model.partial_fit(chunk[batch:batch + MINIBATCH_ROWS])
+        inertia = -sum(model.score(prepare(features[s:s + CHUNK_ROWS])) for s in range(0, n, CHUNK_ROWS))
+        if previous - inertia < 1e-3 * previous:
+            break
+        previous = inertia
+    labels = np.concatenate([model.predict(prepare(features[s:s + CHUNK_ROWS])) for s in range(0, n, CHUNK_ROWS)])
+    return model, labels, float(inertia)
 
 
 def tune_k(features: np.ndarray, k_range=DEFAULT_K_RANGE, *, normalize: bool = True,
@@ -67,19 +94,21 @@ def tune_k(features: np.ndarray, k_range=DEFAULT_K_RANGE, *, normalize: bool = T
     """
     from sklearn.metrics import silhouette_score
 
-    x = l2_normalize(features) if normalize else np.asarray(features, np.float32)
-    n = len(x)
+    features = np.asarray(features, np.float32)
+    n = len(features)
     ks = list(k_range)
     if not ks or min(ks) < 2:
         raise UsageError(f"k_range must hold values of 2 or more, got {ks}")
     if max(ks) >= n:
         raise UsageError(f"k_range goes up to {max(ks)} but there are only {n} images: k must be below {n}")
     rows = []
-    sample = SILHOUETTE_SAMPLE if n > SILHOUETTE_SAMPLE else None
+    # The silhouette is quadratic in the photos: above SILHOUETTE_SAMPLE it is estimated on a sample.
+    sample = np.sort(np.random.default_rng(random_state).choice(n, min(n, SILHOUETTE_SAMPLE), replace=False))
+    x_sample = l2_normalize(features[sample]) if normalize else features[sample]
     for k in ks:
-        model = _kmeans(k, n, random_state).fit(x)
-        score = silhouette_score(x, model.labels_, sample_size=sample, random_state=random_state)
-        rows.append((k, float(score), float(model.inertia_)))
+        _, labels, inertia = fit_kmeans(k, features, normalize=normalize, random_state=random_state)
+        score = silhouette_score(x_sample, labels[sample]) if len(set(labels[sample])) > 1 else -1.0
+        rows.append((k, float(score), inertia))
         log.info("For n_clusters = %d, the average silhouette score is %.4f", k, score)
     table = pd.DataFrame(rows, columns=["k", "silhouette", "inertia"])
     best = int(table.loc[table["silhouette"].idxmax(), "k"])
@@ -114,9 +143,8 @@ class KMeansBaseline:
             if not 2 <= self.k < len(features):
                 raise UsageError(f"k must be between 2 and {len(features) - 1} for {len(features)} images")
             self.tuning_, self.k_ = None, int(self.k)
-        x = self._prepare(features)
-        self.model_ = _kmeans(self.k_, len(x), self.random_state).fit(x)
-        self.labels_ = self.model_.labels_
+        self.model_, self.labels_, _ = fit_kmeans(self.k_, features, normalize=self.normalize,
+                                                  random_state=self.random_state)
         self.dim_ = features.shape[1]
         self.metadata_ = self._metadata(meta or {}, time.perf_counter() - started)
         return self

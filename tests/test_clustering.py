@@ -92,3 +92,25 @@ def test_errors_are_specific(fitted, food_features, tmp_path):
     bad.write_text("not,a,features\nfile")
     with pytest.raises(Exception, match="path"):
         fit_baseline(bad, model_path=tmp_path / "m.joblib", clusters_csv=tmp_path / "c.csv")
+
+
+def test_large_libraries_are_clustered_chunk_by_chunk_without_a_normalised_copy(monkeypatch):
+    from sklearn.metrics import adjusted_rand_score
+
+    from similar_finder import clustering
+
+    monkeypatch.setattr(clustering, "MINIBATCH_ABOVE", 1_000)
+    monkeypatch.setattr(clustering, "CHUNK_ROWS", 512)
+    monkeypatch.setattr(clustering, "MINIBATCH_ROWS", 128)
+    normalised_rows = []
+    real = clustering.l2_normalize
+    monkeypatch.setattr(clustering, "l2_normalize", lambda x, **kw: normalised_rows.append(len(x)) or real(x, **kw))
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 3_000)
+    features = rng.random((4, 64), dtype=np.float32)[truth] * 3 + rng.random((3_000, 64), dtype=np.float32)
+    model, labels, inertia = clustering.fit_kmeans(4, features)
+    assert type(model).__name__ == "MiniBatchKMeans" and len(labels) == 3_000 and inertia > 0
+    assert adjusted_rand_score(truth, labels) > 0.95
+    assert max(normalised_rows) <= 20 * 128  # chunks and the initial sample, never all 3,000 rows at once
+    table, best = clustering.tune_k(features, range(2, 7))
+    assert best == 4 and len(table) == 5
