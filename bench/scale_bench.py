@@ -11,9 +11,9 @@ trained on a sample, filled a chunk at a time. Vectors are cosine-ready as the
 recommender makes them (centred on the mean of the training sample, unit length).
 It prints per size and index: train and add time, the index's bytes (codes, ids,
 centroids, codebooks) and the process's peak RSS, the median and 95th-percentile
-latency of one query for 5 neighbours (for IVF-PQ: 4 x 6 candidates from the
-codes, then re-ranked by exact distance from the raw rows, as ``Neighbors``
-does), and recall@5 against brute force, whose ground truth for ``--queries``
+latency of one query for 5 neighbours (for IVF-PQ: candidates from the codes,
+then re-ranked by exact distance from the raw rows, as ``Neighbors`` does; for
+``--rerank`` numbers of candidates and the library's default), and recall@5 against brute force, whose ground truth for ``--queries``
 new vectors is computed by streaming the chunks again. For IVF-PQ the recall of
 the codes alone (no re-ranking) is printed too. At 10M the re-ranking reads the
 candidates' rows, gathered during that second pass: a real library of that size
@@ -85,8 +85,8 @@ def part_index(args) -> None:
     faiss = nb._faiss()
     print(f"FAISS {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {args.dim}-d, {args.queries} queries, "
-          f"nprobe {args.nprobe}, re-rank x{nb.RERANK}", flush=True)
-    header = (f"{'vectors':>10} {'index':<7} {'lists':>5} {'train s':>8} {'add s':>7} {'index MiB':>10} "
+          f"nprobe {args.nprobe}", flush=True)
+    header = (f"{'vectors':>10} {'index':<8}{'lists':>5} {'train s':>8} {'add s':>7} {'index MiB':>10} "
               f"{'peak RSS GiB':>12} {'median ms':>10} {'p95 ms':>7} {'recall@5':>9} {'codes only':>10}")
     for n in map(int, args.sizes.split(",")):
         data = Synthetic(n, args.dim)
@@ -120,16 +120,17 @@ def part_index(args) -> None:
             if start // CHUNK % 10 == 9:
                 print(f"  {start + len(chunk):,} of {n:,} added ({time.perf_counter() - started:.0f} s)", flush=True)
         queries = transform(data.queries(args.queries))
+        depths = sorted({nb.RERANK, *map(int, args.rerank.split(","))})
         found, latencies = {}, {}
         for t, index in indexes.items():
             index.nprobe = args.nprobe
-            fetch = (K + 1) * (nb.RERANK if t == "ivfpq" else 1)
-            times, answers = [], []
-            for q in [*queries[:3], *queries]:  # three to warm up
-                t0 = time.perf_counter()
-                answers.append(index.search(q[None], fetch)[1][0])
-                times.append(time.perf_counter() - t0)
-            found[t], latencies[t] = np.array(answers[3:]), np.array(times[3:]) * 1000
+            for fetch in depths if t == "ivfpq" else [K + 1]:  # IVF-PQ: for each number of candidates re-ranked
+                times, answers = [], []
+                for q in [*queries[:3], *queries]:  # three to warm up
+                    t0 = time.perf_counter()
+                    answers.append(index.search(q[None], fetch)[1][0])
+                    times.append(time.perf_counter() - t0)
+                found[t], latencies[t, fetch] = np.array(answers[3:]), np.array(times[3:]) * 1000
         # Brute force, streaming the chunks again; the IVF-PQ candidates' rows are gathered on the way.
         started = time.perf_counter()
         best_d = np.full((len(queries), K), np.inf, np.float32)
@@ -149,24 +150,25 @@ def part_index(args) -> None:
         truth_s = time.perf_counter() - started
         for t in types:
             s = settings[t]
-            recall = codes = np.mean([len(set(a[:K]) & set(b)) / K for a, b in zip(found[t], best_i)])
-            median, p95 = np.median(latencies[t]), np.percentile(latencies[t], 95)
-            if t == "ivfpq":  # re-rank by exact distance, as Neighbors does, and time it per query
-                times, ranked = [], []
-                for q, f, r in zip(queries, found[t], rows[t]):
-                    t0 = time.perf_counter()
-                    ranked.append(f[np.argsort(1.0 - r @ q, kind="stable")[:K]])
-                    times.append(time.perf_counter() - t0)
-                recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(ranked, best_i)])
-                extra = np.array(times) * 1000
-                median, p95 = np.median(latencies[t] + extra), np.percentile(latencies[t] + extra, 95)
-            name = "IVF-PQ" if t == "ivfpq" else "IVF"
-            if header:
-                print(header)
-                header = None
-            print(f"{n:>10} {name:<7} {s['nlist']:>5} {timings[t][0]:>8.1f} {timings[t][1]:>7.1f} "
-                  f"{index_bytes(indexes[t]) / 2 ** 20:>10.0f} {peak_rss_gib():>12.1f} {median:>10.2f} {p95:>7.2f} "
-                  f"{recall:>9.3f} {codes if t == 'ivfpq' else float('nan'):>10.3f}", flush=True)
+            codes = np.mean([len(set(a[:K]) & set(b)) / K for a, b in zip(found[t], best_i)])
+            for fetch in depths if t == "ivfpq" else [K + 1]:
+                recall, total = codes, latencies[t, fetch]
+                if t == "ivfpq":  # re-rank the first ``fetch`` by exact distance, as Neighbors does; time it
+                    times, ranked = [], []
+                    for q, f, r in zip(queries, found[t][:, :fetch], rows[t][:, :fetch]):
+                        t0 = time.perf_counter()
+                        ranked.append(f[np.argsort(1.0 - r @ q, kind="stable")[:K]])
+                        times.append(time.perf_counter() - t0)
+                    recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(ranked, best_i)])
+                    total = total + np.array(times) * 1000
+                name = f"PQ+{fetch}" if t == "ivfpq" else "IVF"
+                if header:
+                    print(header)
+                    header = None
+                print(f"{n:>10} {name:<8}{s['nlist']:>5} {timings[t][0]:>8.1f} {timings[t][1]:>7.1f} "
+                      f"{index_bytes(indexes[t]) / 2 ** 20:>10.0f} {peak_rss_gib():>12.1f} {np.median(total):>10.2f} "
+                      f"{np.percentile(total, 95):>7.2f} {recall:>9.3f} {codes if t == 'ivfpq' else np.nan:>10.3f}",
+                      flush=True)
         print(f"  (brute-force ground truth for {len(queries)} queries: {truth_s:.0f} s, streamed)", flush=True)
         del indexes, found
 
@@ -182,6 +184,8 @@ def main(argv=None) -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--indexes", default="", help="only these of ivf,ivfpq (default: both where they apply)")
+    parser.add_argument("--rerank", default="24,256", help="IVF-PQ: numbers of candidates re-ranked, besides "
+                        f"the library's default ({nb.RERANK})")
     args = parser.parse_args(argv)
     for name, part in PARTS.items():
         if args.part in (name, "all"):
