@@ -71,3 +71,26 @@ def test_an_unavailable_other_backbone_is_left_out_with_its_reason(food_db, food
         backbones._build_cached.cache_clear()
     assert not any("vgg19" in m for m in table["method"])
     assert "left out vgg19" in caplog.text and "--weights PATH" in caplog.text
+
+
+def test_other_backbones_take_a_pooling_and_backbone_rows_carry_their_throughput(tmp_path):
+    from conftest import make_images
+    from similar_finder.evaluate import split_backbone_option
+
+    assert split_backbone_option("efficientnet_lite0:gem") == ("efficientnet_lite0", "gem")
+    assert split_backbone_option("efficientnet_lite0+efficientnet_lite2") == (
+        "efficientnet_lite0+efficientnet_lite2", None)
+    for i, label in enumerate("abc"):
+        make_images(tmp_path / "photos" / label, 3, seed=i)
+    run = dict(features_csv=tmp_path / "f.csv", other_backbones=("efficientnet_lite0:gem",), out_dir=tmp_path,
+               progress=False, backbone="efficientnet_lite0", weights=None, input_size=64)
+    first = evaluate(tmp_path / "photos", **run).table.set_index("method")
+    gem = first.loc["CNN efficientnet_lite0:gem, cosine"]
+    assert gem["dims"] == 1280 and gem["photos/s"] > 0
+    assert (tmp_path / "f-efficientnet_lite0-gem.json").is_file()
+    main_row = first.loc["cosine recommender (CNN efficientnet_lite0)"]
+    assert main_row["photos/s"] > 0 and np.isnan(first.loc["raw pixels, cosine", "photos/s"])
+    # A re-run embeds nothing, and reports the throughput its features were made at.
+    again = evaluate(tmp_path / "photos", **run).table.set_index("method")
+    assert again.loc["CNN efficientnet_lite0:gem, cosine", "photos/s"] == gem["photos/s"]
+    assert again.loc["cosine recommender (CNN efficientnet_lite0)", "photos/s"] == main_row["photos/s"]
