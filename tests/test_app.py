@@ -100,6 +100,16 @@ def test_bad_uploads_get_400_with_one_line_and_change_nothing(client, library, t
     assert store_stamps(library) == before and len(Library(library.files.csv)) == len(library)
 
 
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(client):
+    from PIL import Image as PILImage
+
+    bomb = io.BytesIO()
+    PILImage.new("1", (12_000, 10_000)).save(bomb, "PNG")  # 120 megapixels in a few kilobytes
+    assert len(bomb.getvalue()) < 100_000
+    response = client.post("/api/search", files={"file": ("bomb.png", bomb.getvalue(), "image/png")})
+    assert response.status_code == 400 and "decompression bomb" in response.json()["detail"]
+
+
 def test_uploads_over_the_cap_are_refused(library):
     with TestClient(create_app(library, max_upload_bytes=2000)) as small:
         data = (FOOD_QUERIES / "burger_test.jpeg").read_bytes()

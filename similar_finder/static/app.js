@@ -262,13 +262,16 @@ function showResults(body, title) {
 
 // --- map -------------------------------------------------------------------------------
 
-const map = { points: [], images: new Map(), hover: null };
+const map = { points: [], images: new Map(), hover: null, method: null };
 
 async function openMap() {
   show("map");
-  if (!map.points.length) {
+  const method = $("#map-method").value;
+  if (map.method !== method) {
+    map.points = []; map.images.clear(); map.method = method;
+    drawMap();
     $("#map-note").textContent = "Computing the map (once; it is cached)…";
-    const body = await api("/api/map");
+    const body = await api(`/api/map?method=${method}`);
     map.points = body.points;
     $("#map-note").textContent = body.sampled
       ? `${body.method} of an even sample of ${body.shown.toLocaleString()} of ${body.total.toLocaleString()} photos (more would take t-SNE over a minute)`
@@ -287,6 +290,7 @@ async function openMap() {
 }
 
 function mapGeometry() {
+  $("#map-method").addEventListener("change", () => openMap().catch((err) => showError(err.message)));
   const canvas = $("#map");
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth, h = canvas.clientHeight, pad = 40;
@@ -415,6 +419,7 @@ function setUp() {
                                              search(e.dataTransfer.files[0]); });
   }
 
+  $("#map-method").addEventListener("change", () => openMap().catch((err) => showError(err.message)));
   const canvas = $("#map");
   canvas.addEventListener("mousemove", (event) => {
     const { best, mx, my } = nearestOnMap(event);
