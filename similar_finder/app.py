@@ -11,9 +11,11 @@ and JavaScript from ``static/``, no build step, nothing from the internet) and
 the JSON API under ``/api/`` that the page uses, documented at ``/docs``.
 Every answer comes from one :class:`~similar_finder.service.LibraryService`.
 """
+import json
 import logging
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # FastAPI reads the endpoints' annotations at run time: these names must be real, not strings.
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -28,8 +30,66 @@ STATIC = Path(__file__).with_name("static")
 _CHUNK = 1 << 20
 
 
-def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
-    """The FastAPI app serving ``library`` (a :class:`~similar_finder.library.Library` or its CSV)."""
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuses a request body over ``limit`` bytes with 413 as it arrives, before anything parses or spools it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        received, refused, started = 0, False, False
+
+        async def counted():
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                refused = True
+                raise _TooLarge
+            return message
+
+        async def unless_refused(message):
+            nonlocal started
+            if not refused:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, counted, unless_refused)
+        except _TooLarge:
+            pass  # the app may also have turned it into an error of its own, which is not sent
+        if refused and not started:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"detail": f"the upload is over the limit of {self.limit / 2**20:.0f} MB"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, allowed_hosts=LOCAL_HOSTS):
+    """The FastAPI app serving ``library`` (a :class:`~similar_finder.library.Library` or its CSV).
+
+    Only requests naming one of ``allowed_hosts`` are served (so a web page whose
+    name was pointed at 127.0.0.1 cannot read the library), and a POST from a
+    page of another origin is refused (so no web page can add photos or make the
+    server work).
+    """
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
     from .library import as_library
 
     service = LibraryService(as_library(library), originals=originals, max_upload_bytes=max_upload_bytes)
@@ -37,6 +97,20 @@ def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_U
                   description="Browse a photo library and find similar photos. Every photo is named by its "
                               "`image_id` (its row in the library); a path in a request is never opened.")
     app.state.service = service
+    hosts = list(allowed_hosts)
+    app.add_middleware(BodyLimit, limit=service.max_upload_bytes + _CHUNK)  # multipart framing on top of the photo
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+
+    @app.middleware("http")
+    async def same_origin_posts(request: Request, call_next):
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("origin")
+            site = request.headers.get("sec-fetch-site")
+            # Browsers say where a request comes from; other clients (curl, scripts) cannot be tricked into one.
+            if (site is not None and site not in ("same-origin", "none")) or \
+                    (origin is not None and urlsplit(origin).netloc != request.headers.get("host")):
+                return JSONResponse({"detail": "refused: the request comes from another site"}, status_code=403)
+        return await call_next(request)
     approach_names = "|".join(APPROACHES)
 
     @app.exception_handler(NotFound)
@@ -56,11 +130,7 @@ def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_U
                 "message": result.message, "reason": result.reason}
 
     def read_upload(file: UploadFile, request: Request) -> bytes:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > service.max_upload_bytes + _CHUNK:  # refuse before reading a huge body
-            raise UploadTooLarge(f"the upload is {declared / 2**20:.1f} MB, over the limit of "
-                                 f"{service.max_upload_bytes / 2**20:.0f} MB")
-        return file.file.read(service.max_upload_bytes + 1)
+        return file.file.read(service.max_upload_bytes + 1)  # the body itself is bounded by BodyLimit
 
     @app.get("/api/info", summary="The library: size, backbone, folders, approaches")
     def info():
@@ -110,14 +180,15 @@ def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_U
     def image(image_id: str, download: bool = False, original: bool = True):
         path = service.image_file(image_id, original=original)
         name = Path(service.photo(image_id)["path"]).name if download else None
+        # Revalidated on every view (answered 304 when unchanged): an id may name another photo after an add.
         return FileResponse(path, filename=name, content_disposition_type="attachment" if download else "inline",
-                            headers={"Cache-Control": "private, max-age=3600"})
+                            headers={"Cache-Control": "private, no-cache"})
 
     @app.get("/api/thumb/{image_id}", summary="A thumbnail (JPEG, 256 px), made once and cached on disk",
              response_class=FileResponse)
     def thumb(image_id: str):
         return FileResponse(service.thumbnail(image_id), media_type="image/jpeg",
-                            headers={"Cache-Control": "private, max-age=86400"})
+                            headers={"Cache-Control": "private, no-cache"})
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -153,7 +224,8 @@ def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port:
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the library's photos become visible to every machine that can reach this one",
                     host)
-    app = create_app(library, originals=originals, max_upload_bytes=int(max_upload_mb * 2**20))
+    hosts = [*LOCAL_HOSTS, host] if host not in ("0.0.0.0", "::") else ["*"]
+    app = create_app(library, originals=originals, max_upload_bytes=int(max_upload_mb * 2**20), allowed_hosts=hosts)
     _warm(app.state.service)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     print(f"similar_finder: {len(library)} photos from {library.root}\nopen {url}  (Ctrl-C stops)", flush=True)

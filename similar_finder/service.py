@@ -87,8 +87,12 @@ class _Batcher:
 
     Brute-force search is bound by reading the library's matrix, so eight queries
     in one matrix product cost about what one does. The first caller to find no
-    search running leads: it searches for everything pending, hands each caller
-    its rows, and goes on while more arrived meanwhile; the others wait.
+    search running leads: it searches once for everything pending, hands each
+    caller its rows, and passes the lead to a caller that arrived meanwhile, so
+    no caller waits for more than the search in progress and its own.
+    Queries are batched only with queries of the same kind (library rows or new
+    vectors) and the same ``n``: the gate looks at a query's own candidates, so
+    an answer never depends on what others asked at the same time.
     """
 
     def __init__(self, model):
@@ -99,43 +103,56 @@ class _Batcher:
 
     def __call__(self, n: int, *, row: int | None = None, vector: np.ndarray | None = None):
         """``(distances, indices, gates)`` of one query: a library ``row`` or a raw ``vector``."""
-        request = {"n": n, "row": row, "vector": vector, "done": threading.Event()}
+        request = {"n": n, "row": row, "vector": vector, "wake": threading.Event(), "lead": False}
         with self._lock:
             self._pending.append(request)
-            lead, self._leading = not self._leading, True
-        if lead:
-            self._lead()
-        request["done"].wait()
+            if not self._leading:
+                self._leading = request["lead"] = True
+        while True:
+            if request["lead"]:
+                request["lead"] = False
+                self._serve()
+            request["wake"].wait()
+            if "result" in request or "error" in request:
+                break
+            request["wake"].clear()  # woken to lead the next batch
         if "error" in request:
             raise request["error"]
         return request["result"]
 
-    def _lead(self) -> None:
-        while True:
+    def _serve(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        try:
+            groups: dict[tuple, list[dict]] = {}
+            for r in batch:
+                groups.setdefault((r["row"] is None, r["n"]), []).append(r)
+            for group in groups.values():
+                self._search(group)
+        finally:  # whatever happened, every caller of this batch is answered and the lead moves on
+            for r in batch:
+                if "result" not in r and "error" not in r:
+                    r["error"] = RuntimeError("the search was interrupted")
+                r["wake"].set()
             with self._lock:
-                batch, self._pending = self._pending, []
-                if not batch:
+                if self._pending:
+                    self._pending[0]["lead"] = True
+                    self._pending[0]["wake"].set()
+                else:
                     self._leading = False
-                    return
-            for group in ([r for r in batch if r["row"] is not None], [r for r in batch if r["row"] is None]):
-                if group:
-                    self._search(group)
 
     def _search(self, group: list[dict]) -> None:
-        n = max(r["n"] for r in group)
+        n = group[0]["n"]
         try:
             if group[0]["row"] is not None:
                 distances, indices, gates = self.model.search(None, n, rows=[r["row"] for r in group])
             else:
                 distances, indices, gates = self.model.search(np.stack([r["vector"] for r in group]), n)
             for i, r in enumerate(group):
-                r["result"] = (distances[i:i + 1, :r["n"]], indices[i:i + 1, :r["n"]],
-                               None if gates is None else gates[i:i + 1])
+                r["result"] = (distances[i:i + 1], indices[i:i + 1], None if gates is None else gates[i:i + 1])
         except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch, raised there
             for r in group:
                 r["error"] = exc
-        for r in group:
-            r["done"].set()
 
 
 class LibraryService:
@@ -152,7 +169,7 @@ class LibraryService:
         self.catalog = library.catalog()
         self._approaches: dict[str, _Batcher] = {}
         self._derived: dict[str, object] = {}
-        self._build = threading.Lock()  # one fit at a time: two first requests never fit twice
+        self._build = threading.RLock()  # one fit at a time (K-Means is fitted inside the fit of its approach)
         self._model = threading.Lock()  # the backbone embeds one batch at a time
 
     # --- browsing ---------------------------------------------------------------------
@@ -192,11 +209,13 @@ class LibraryService:
 
     def _batcher(self, name: str) -> _Batcher:
         check_choice("approach", name, APPROACHES)
-        if name not in self._approaches:
+        batcher = self._approaches.get(name)
+        if batcher is None:
             with self._build:
-                if name not in self._approaches:
-                    self._approaches[name] = _Batcher(self._fit(name))
-        return self._approaches[name]
+                batcher = self._approaches.get(name)
+                if batcher is None:
+                    batcher = self._approaches[name] = _Batcher(self._fit(name))
+        return batcher
 
     def _fit(self, name: str):
         from .clustering import ClusterRecommender
@@ -214,16 +233,21 @@ class LibraryService:
 
     def kmeans(self):
         """The K-Means baseline of this library: tuned once, cached by fingerprint, clusters in the catalog."""
-        if "kmeans" not in self._derived:
+        model = self._derived.get("kmeans")
+        if model is None:
             from .clustering import KMeansBaseline, clip_k_range
 
-            if len(self.library) < 3:
-                raise UsageError("K-Means needs at least 3 photos")
-            model = self.library.cached("kmeans-app", lambda: KMeansBaseline(
-                k_range=clip_k_range(range(2, 11), len(self.library))).fit(self.library))
-            self.catalog.set_clusters(model.labels_, self.library.fingerprint)
-            self._derived["kmeans"] = model
-        return self._derived["kmeans"]
+            with self._build:  # two first requests (a sort by cluster and the approach) never tune twice
+                model = self._derived.get("kmeans")
+                if model is None:
+                    library, catalog = self.library, self.catalog
+                    if len(library) < 3:
+                        raise UsageError("K-Means needs at least 3 photos")
+                    model = library.cached("kmeans-app", lambda: KMeansBaseline(
+                        k_range=clip_k_range(range(2, 11), len(library))).fit(library))
+                    catalog.set_clusters(model.labels_, library.fingerprint)
+                    self._derived["kmeans"] = model
+        return model
 
     def similar(self, image_id, n: int = 5, approach: str = "cosine") -> Answer:
         """The photos most similar to a library photo (never itself)."""
@@ -272,30 +296,48 @@ class LibraryService:
     # --- adding a photo, on request -------------------------------------------------------
 
     def add_photo(self, data: bytes, filename: str, folder: str = "uploads") -> dict:
-        """Save an uploaded photo under ``<images>/<folder>/`` and embed it into the library (incrementally)."""
+        """Save an uploaded photo under ``<images>/<folder>/`` and embed it into the library (incrementally).
+
+        On any failure the file this call wrote is removed again: a photo is added whole or not at all.
+        """
         from .features import extract_features
 
         self.check_upload(data, filename)
         name = Path(filename).name
-        stem, suffix = Path(name).stem or "photo", Path(name).suffix.lower()
-        if suffix not in IMAGE_EXTENSIONS or any(c in folder for c in "\\:") or ".." in Path(folder).parts \
-                or Path(folder).is_absolute():
+        stem, suffix = Path(name).stem, Path(name).suffix.lower()
+        parts = Path(folder).parts
+        hidden = any(p.startswith(".") for p in parts) or stem.startswith(".")  # extraction skips dot-names
+        if suffix not in IMAGE_EXTENSIONS or not stem or hidden or "\0" in folder + filename or \
+                any(c in folder for c in "\\:") or ".." in parts or Path(folder).is_absolute() or not parts:
             raise UploadError(f"{filename} cannot be added: give a photo file ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-                              f" and a plain folder name")
+                              f" and a plain folder name inside the library")
         sha = hashlib.sha256(data).hexdigest()
-        target = self.library.root / folder / f"{stem}-{sha[:8]}{suffix}"
+        root = self.library.root.resolve()
+        target = root / folder / f"{stem}-{sha[:8]}{suffix}"
+        if not target.parent.resolve().is_relative_to(root) and target.parent.exists():
+            raise UploadError(f"{folder} leads outside the library; choose a plain folder name")
         with self._build, self._model:
-            if not target.is_file():
-                with atomic_write(target, "wb") as handle:
-                    handle.write(data)
-            cfg = self.library.config or {}
-            library = extract_features(self.library.root, self.library.files.csv, None, progress=False,
-                                       weights=cfg.get("weights", "imagenet") if cfg.get("weights") != "random" else None,
-                                       adapter=(cfg.get("adapter") or {}).get("path"), **self.extract_kwargs)
+            created = not target.is_file()
+            try:
+                if created:
+                    with atomic_write(target, "wb") as handle:
+                        handle.write(data)
+                if not target.parent.resolve().is_relative_to(root):
+                    raise UploadError(f"{folder} leads outside the library; choose a plain folder name")
+                cfg = self.library.config or {}
+                library = extract_features(self.library.root, self.library.files.csv, None, progress=False,
+                                           adapter=(cfg.get("adapter") or {}).get("path"), **self.extract_kwargs)
+                relative = target.relative_to(root).as_posix()
+                if relative not in library.row_of:
+                    raise UploadError(f"{filename} was not taken into the library: see {library.files.skipped}")
+            except BaseException:
+                if created:
+                    target.unlink(missing_ok=True)
+                raise
+            # New answers for the new library; requests already running finish with the old ones.
+            self._approaches, self._derived = {}, {}
             self.library, self.catalog = library, library.catalog()
-            self._approaches.clear()
-            self._derived.clear()
-        return self.photo(library.row_of[target.relative_to(library.root).as_posix()])
+        return self.photo(library.row_of[relative])
 
     # --- map and duplicates -------------------------------------------------------------
 

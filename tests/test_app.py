@@ -17,6 +17,8 @@ from similar_finder.app import create_app  # noqa: E402
 from similar_finder.library import Library, class_of  # noqa: E402
 from similar_finder.recommender import NO_RESULTS  # noqa: E402
 
+LOCAL = "http://127.0.0.1:8000"  # the app answers only requests that name this machine
+
 
 @pytest.fixture(scope="module")
 def library(food_features):
@@ -25,7 +27,7 @@ def library(food_features):
 
 @pytest.fixture(scope="module")
 def client(library):
-    with TestClient(create_app(library)) as client:
+    with TestClient(create_app(library), base_url=LOCAL) as client:
         yield client
 
 
@@ -110,8 +112,37 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(client):
     assert response.status_code == 400 and "decompression bomb" in response.json()["detail"]
 
 
+def test_other_hosts_and_cross_site_posts_are_refused(client, library):
+    # A page whose name was pointed at 127.0.0.1 (DNS rebinding) cannot read the library.
+    assert client.get("/api/images", headers={"host": "evil.example"}).status_code == 400
+    data = (FOOD_QUERIES / "burger_test.jpeg").read_bytes()
+    files = {"file": ("q.jpg", data, "image/jpeg")}
+    # Another site's page cannot make the server work or add photos; the app's own page can.
+    for headers in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}):
+        for url in ("/api/search", "/api/library"):
+            response = client.post(url, files=files, headers=headers)
+            assert response.status_code == 403 and "another site" in response.json()["detail"]
+    own = client.post("/api/search", files=files, headers={"origin": LOCAL, "sec-fetch-site": "same-origin"})
+    assert own.status_code == 200
+    assert len(Library(library.files.csv)) == 36
+
+
+def test_a_streamed_body_over_the_cap_is_cut_off_as_it_arrives(library):
+    with TestClient(create_app(library, max_upload_bytes=2000), base_url=LOCAL) as small:
+        sent = []
+
+        def body():  # no content-length: the cap is enforced on what arrives
+            for _ in range(64):
+                sent.append(1)
+                yield b"x" * 65_536
+
+        response = small.post("/api/search", content=body(),
+                              headers={"content-type": "multipart/form-data; boundary=abc"})
+        assert response.status_code == 413 and "over the limit" in response.json()["detail"]
+
+
 def test_uploads_over_the_cap_are_refused(library):
-    with TestClient(create_app(library, max_upload_bytes=2000)) as small:
+    with TestClient(create_app(library, max_upload_bytes=2000), base_url=LOCAL) as small:
         data = (FOOD_QUERIES / "burger_test.jpeg").read_bytes()
         assert len(data) > 2000
         response = small.post("/api/search", files={"file": ("big.jpg", data, "image/jpeg")})
@@ -136,7 +167,7 @@ def test_a_symlink_leading_outside_the_library_is_not_served(tmp_path):
 
     library = extract_features(tmp_path / "photos", tmp_path / "f.csv", **FAST)
     link_id = library.row_of["link.jpg"]
-    with TestClient(create_app(library)) as client:
+    with TestClient(create_app(library), base_url=LOCAL) as client:
         assert client.get("/api/image/0").status_code == 200
         for url in (f"/api/image/{link_id}", f"/api/thumb/{link_id}"):
             response = client.get(url)
@@ -192,7 +223,7 @@ def test_duplicates_finds_copies_largest_group_first(tmp_path):
     original.save(tmp_path / "photos" / "copy_recompressed.jpg", quality=40)
     Image.open(photos[1]).save(tmp_path / "photos" / "copy_of_1.png")
     library = extract_features(tmp_path / "photos", tmp_path / "f.csv", **FAST)
-    with TestClient(create_app(library)) as client:
+    with TestClient(create_app(library), base_url=LOCAL) as client:
         groups = [[p["path"] for p in g] for g in client.get("/api/duplicates").json()["groups"]]
         assert groups == [sorted(["img0000.jpg", "copy_small.jpg", "copy_recompressed.jpg"]),
                           sorted(["img0001.jpg", "copy_of_1.png"])]
@@ -208,7 +239,7 @@ def test_originals_are_served_for_the_large_view_and_download(tmp_path):
     big.mkdir()
     Image.fromarray(np.full((400, 300, 3), 200, np.uint8)).save(big / "img0002.jpg")
     library = extract_features(tmp_path / "small", tmp_path / "f.csv", **FAST)
-    with TestClient(create_app(library, originals=big)) as client:
+    with TestClient(create_app(library, originals=big), base_url=LOCAL) as client:
         assert client.get("/api/photo/2").json()["original"] is True
         assert client.get("/api/photo/1").json()["original"] is False
         assert client.get("/api/image/2").content == (big / "img0002.jpg").read_bytes()
@@ -224,10 +255,16 @@ def test_a_photo_is_added_only_when_asked(tmp_path):
     make_images(tmp_path / "photos", 6)
     library = extract_features(tmp_path / "photos", tmp_path / "f.csv", **FAST)
     new = jpeg_bytes((np.random.default_rng(9).random((48, 48, 3)) * 255).astype(np.uint8))
-    with TestClient(create_app(library)) as client:
+    with TestClient(create_app(library), base_url=LOCAL) as client:
         assert client.post("/api/search", files={"file": ("new.jpg", new)}).status_code == 200
         assert not (tmp_path / "photos" / "uploads").exists()  # a search stores nothing
         assert client.post("/api/library", files={"file": ("notes.txt", b"hello")}).status_code == 400
+        for name, folder in ((".hidden.jpg", "uploads"), ("new.jpg", ".private"), ("new.jpg", "a/../../out"),
+                             ("new.jpg", "/tmp")):
+            response = client.post("/api/library", files={"file": (name, new)}, data={"folder": folder})
+            assert response.status_code == 400, (name, folder, response.text)
+        assert sorted(p.name for p in (tmp_path / "photos").rglob("*") if p.is_file()) == \
+            [f"img{i:04d}.jpg" for i in range(6)]  # a refused add writes nothing
         added = client.post("/api/library", files={"file": ("new.jpg", new)}).json()
         assert added["path"].startswith("uploads/new-") and (tmp_path / "photos" / added["path"]).is_file()
         assert client.get("/api/info").json()["images"] == 7
