@@ -97,14 +97,17 @@ def update_catalog(library, *, workers: int = 8) -> Path:
 
         audit = pd.DataFrame({"path": library.paths, "status": "ok", "detail": "", "size": None, "sha256": ""})
     by_path = {r.path: r for r in audit.itertuples(index=False)}
-    todo = sorted({by_path[p].sha256: p for p in library.paths if by_path[p].sha256 not in old_facts}.items())
+    def key(rel: str) -> str:  # facts are known by content; a bare CSV's photos, with no hash, by path
+        return by_path[rel].sha256 or f"path:{rel}"
+
+    todo = sorted({key(p): p for p in library.paths if key(p) not in old_facts}.items())
     with ThreadPoolExecutor(workers) as pool:  # header reads are I/O: threads overlap them
-        new_facts = dict(zip((sha for sha, _ in todo), pool.map(photo_facts, (library.root / p for _, p in todo))))
+        new_facts = dict(zip((k for k, _ in todo), pool.map(photo_facts, (library.root / p for _, p in todo))))
     facts = {**old_facts, **new_facts}
     rows = []
     for image_id, rel in enumerate(library.paths):
         rec = by_path[rel]
-        known = facts.get(rec.sha256) or photo_facts(library.root / rel)
+        known = facts[key(rel)]
         rows.append((image_id, rel, folder_of(rel), rec.sha256, _int(rec.size), *(known[k] for k in _FACTS),
                      rec.status, rec.detail, old_clusters.get(rel)))
     skipped = [(r.path, r.sha256, _int(r.size), r.detail) for r in audit.itertuples(index=False)
@@ -141,8 +144,8 @@ def _previous(path: Path, fingerprint: str) -> tuple[dict, dict]:
         return {}, {}
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            facts = {row[0]: dict(zip(_FACTS, row[1:]))
-                     for row in db.execute("SELECT sha256, width, height, taken, camera FROM photos")}
+            facts = {row[0] or f"path:{row[1]}": dict(zip(_FACTS, row[2:]))
+                     for row in db.execute("SELECT sha256, path, width, height, taken, camera FROM photos")}
             held = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
             clusters = {}
             if held and held[0] == fingerprint:
@@ -208,12 +211,14 @@ class Catalog:
 
     def set_clusters(self, clusters, fingerprint: str) -> None:
         """Record each photo's K-Means cluster (``clusters[image_id]``) if the catalog is of that library."""
-        if self.fingerprint != fingerprint:
-            return
-        with contextlib.closing(sqlite3.connect(self.path)) as db:
-            db.executemany("UPDATE photos SET cluster = ? WHERE image_id = ?",
-                           [(int(c), i) for i, c in enumerate(clusters)])
-            db.commit()
+        with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
+            # The check and the write in one transaction, on the file as it is now (it may have been replaced).
+            db.execute("BEGIN IMMEDIATE")
+            held = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+            if held and held[0] == fingerprint:
+                db.executemany("UPDATE photos SET cluster = ? WHERE image_id = ?",
+                               [(int(c), i) for i, c in enumerate(clusters)])
+            db.execute("COMMIT")
 
 
 def _like_prefix(folder: str) -> str:

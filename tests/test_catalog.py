@@ -122,3 +122,14 @@ def test_the_filter_writes_back_what_is_not_start_up_noise(capfd):
         os.write(2, b"Segmentation fault in my own extension\n")
         os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on.\n")
     assert capfd.readouterr().err == "Segmentation fault in my own extension\n"
+
+
+def test_a_bare_csv_gets_each_photos_own_facts(tmp_path):
+    from similar_finder.library import Library
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "small.jpg")
+    Image.new("RGB", (300, 200)).save(tmp_path / "large.jpg")
+    (tmp_path / "shared.csv").write_text("path,f0,f1\nsmall.jpg,1,0\nlarge.jpg,0,1\n")  # no sidecar, no audit
+    catalog = Library(tmp_path / "shared.csv").catalog()
+    assert {r["path"]: (r["width"], r["height"]) for r in catalog.images()[1]} == {
+        "small.jpg": (40, 30), "large.jpg": (300, 200)}
