@@ -104,6 +104,13 @@ def extract_features(
         shutil.rmtree(files.shards, ignore_errors=True)
     previous = None if overwrite else load_previous(files, root)
     in_progress = read_partial_config(files.partial) or read_partial_config(files.shards)
+    if previous is not None and in_progress is not None and in_progress["config"] != previous["config"]:
+        # Checkpoints of a run with other settings (say an --overwrite that was interrupted) must never
+        # be merged into this store: the store wins, and they are dropped.
+        log.warning("discarding checkpoints of an unfinished run with other settings than %s", files.csv.name)
+        shutil.rmtree(files.partial, ignore_errors=True)
+        shutil.rmtree(files.shards, ignore_errors=True)
+        in_progress = None
     if store_format is None:
         held = previous["stored"].meta.get("store_format") if previous else None
         store_format = "parquet" if files.csv.suffix == ".parquet" else held or "csv"

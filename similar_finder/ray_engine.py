@@ -141,9 +141,12 @@ class RayRunner:
         return ray
 
     def _pool_size(self, ray) -> int:
+        resources = ray.cluster_resources()
+        if self.num_gpus and resources.get("GPU", 0) < self.num_gpus:  # the actors would wait for GPUs for ever
+            raise RayUnavailableError(f"--num-gpus-per-worker {self.num_gpus:g}, but the Ray cluster has "
+                                      f"{resources.get('GPU', 0):g} GPUs")
         if self.actors is not None:
             return self.actors
-        resources = ray.cluster_resources()
         if self.num_gpus:
             return max(1, int(resources.get("GPU", 0) // self.num_gpus))
         # An actor's model uses several cores by itself; the rest decode.
@@ -185,4 +188,9 @@ class RayRunner:
                     if not sha:
                         known.unreadable[path] = detail
         known.add_shards(self.shards, self.dim)
+        lost = [path for path, sha in new_shas.items() if sha not in known.by_sha]
+        if lost:  # the workers wrote shards this machine cannot see: never record those photos as unreadable
+            raise RayUnavailableError(
+                f"{len(lost)} photos (e.g. {lost[0]}) were embedded but their shards are not in {self.shards}: "
+                f"with --address, the output folder must be on storage that the workers and this machine share")
         return new_shas

@@ -186,9 +186,16 @@ def read_store(csv: str | os.PathLike) -> StoredFeatures:
 
 
 def _read_parquet_store(files: FeatureFiles, meta: dict, audit) -> StoredFeatures:
-    paths, matrix = read_vectors(sorted(files.parquet.glob("part-*.parquet")), int(meta["dim"]))
-    if audit is None or paths != audit.loc[audit["status"] != "skipped", "path"].tolist():
-        raise FeaturesError(f"{files.parquet} does not match its audit {files.audit}; extract again with --overwrite")
+    import pyarrow.parquet as pq
+
+    parts = sorted(files.parquet.glob("part-*.parquet"))
+    paths, matrix = read_vectors(parts, int(meta["dim"]))
+    shas = [sha for part in parts for sha in pq.read_table(part, columns=["sha256"]).column(0).to_pylist()]
+    kept = audit[audit["status"] != "skipped"] if audit is not None else None
+    # The parts must hold the very photos the audit lists, by content: not the same paths with other vectors.
+    if kept is None or paths != kept["path"].tolist() or shas != kept["sha256"].tolist():
+        raise FeaturesError(f"{files.parquet} does not match its audit {files.audit} (an interrupted write?); "
+                            f"run the same extraction again, or with --overwrite")
     return StoredFeatures(paths, matrix, meta, audit)
 
 
@@ -275,18 +282,16 @@ def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np
     check_choice("store format", store_format, STORE_FORMATS)
     kept = audit[audit["status"] != "skipped"]
     paths = kept["path"].tolist()
+    # New data first, then the audit and the sidecar that describe it, and the other format's files last:
+    # a crash at any point leaves a store that reads (the old one, or the new one).
     if store_format == "parquet":
         _write_parquet_parts(files, paths, kept["sha256"].tolist(), matrix)
-        for stale in (files.npy, files.csv if files.csv != files.parquet else None):
-            if stale is not None and stale.is_file():
-                stale.unlink()
         csv_stat = None
     else:
         with atomic_write(files.csv, newline="") as handle:
             write_feature_csv(handle, paths, matrix)
         with atomic_write(files.npy, "wb") as handle:
             np.save(handle, matrix)
-        shutil.rmtree(files.parquet, ignore_errors=True)
         stat = files.csv.stat()
         csv_stat = [stat.st_size, stat.st_mtime_ns]
     write_csv(files.audit, audit[AUDIT_COLUMNS])
@@ -312,6 +317,12 @@ def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(files.meta, meta)
+    if store_format == "parquet":
+        for stale in (files.npy, files.csv if files.csv != files.parquet else None):
+            if stale is not None and stale.is_file():
+                stale.unlink()
+    else:
+        shutil.rmtree(files.parquet, ignore_errors=True)
     return read_meta(files)
 
 
