@@ -178,9 +178,13 @@ const grid = {
 
 // --- similar photos --------------------------------------------------------------------
 
+let latestQuery = 0;  // answers that arrive after a newer question are dropped
+
 async function openSimilar(id) {
+  const asked = ++latestQuery;
   const params = new URLSearchParams({ n: state.n, approach: state.approach });
   const [photo, body] = await Promise.all([api(`/api/photo/${id}`), api(`/api/similar/${id}?${params}`)]);
+  if (asked !== latestQuery) return;
   $("#query-img").src = `/api/image/${photo.image_id}`;
   $("#query-img").alt = photo.path;
   const facts = [
@@ -202,7 +206,9 @@ async function openSearch(file) {
   form.append("file", file);
   form.append("n", state.n);
   form.append("approach", state.approach);
+  const asked = ++latestQuery;
   const body = await api("/api/search", { method: "POST", body: form });
+  if (asked !== latestQuery) return;
   $("#query-img").src = URL.createObjectURL(file);
   $("#query-img").alt = file.name;
   const add = el("button", { type: "button", textContent: "Add to library" });
@@ -223,7 +229,8 @@ async function addToLibrary(file, button) {
     form.append("file", file);
     const photo = await api("/api/library", { method: "POST", body: form });
     state.upload = null;
-    grid.key = "";  // the library changed: browse it afresh
+    grid.key = "";  // the library changed: browse it afresh, map it afresh
+    map.method = null;
     await loadInfo();
     location.hash = `#/photo/${photo.image_id}`;
   } catch (err) {
@@ -271,7 +278,14 @@ async function openMap() {
     map.points = []; map.images.clear(); map.method = method;
     drawMap();
     $("#map-note").textContent = "Computing the map (once; it is cached)…";
-    const body = await api(`/api/map?method=${method}`);
+    let body;
+    try {
+      body = await api(`/api/map?method=${method}`);
+    } catch (err) {
+      if (map.method === method) map.method = null;  // opening the map again tries again
+      throw err;
+    }
+    if (map.method !== method) return;  // switched meanwhile: the other answer is drawn
     map.points = body.points;
     $("#map-note").textContent = body.sampled
       ? `${body.method} of an even sample of ${body.shown.toLocaleString()} of ${body.total.toLocaleString()} photos (more would take t-SNE over a minute)`
@@ -290,7 +304,6 @@ async function openMap() {
 }
 
 function mapGeometry() {
-  $("#map-method").addEventListener("change", () => openMap().catch((err) => showError(err.message)));
   const canvas = $("#map");
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth, h = canvas.clientHeight, pad = 40;
@@ -440,7 +453,10 @@ function setUp() {
   });
 
   document.addEventListener("keydown", (e) => {
+    if (e.defaultPrevented) return;
     if (e.target.matches("input, select, textarea") && e.key !== "Escape") return;
+    // Enter on a link, a button or the drop zone is theirs, not the grid's.
+    if (e.key === "Enter" && e.target.closest("a, button, label, #controls")) return;
     if (e.key === "Escape") {
       if (!$("#error").hidden) { $("#error").hidden = true; return; }
       if (!$("#similar-view").hidden || !$("#map-view").hidden || !$("#duplicates-view").hidden) {
