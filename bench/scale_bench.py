@@ -1,6 +1,10 @@
 """Search at scale: FAISS indexes over millions of vectors, measured against brute force.
 
-    python bench/scale_bench.py [--part index|all] [--sizes 1000000,10000000] [--dim 1280] [--queries 50]
+    python bench/scale_bench.py [--part ray|index|all] [--sizes 1000000,10000000] [--dim 1280] [--queries 50]
+
+``--part ray``: the same photos (``--photos``, default the shared clothing set) embedded
+in-process and on a local Ray (decode tasks, one model actor): images per second of
+each, their ratio (Ray's overhead must stay small: >= 0.8), and whether the vectors agree.
 
 ``--part index``: for libraries of random vectors (non-negative like ReLU features,
 drawn around 1,000 centres as in ``query_bench.py``), generated in deterministic
@@ -173,12 +177,44 @@ def part_index(args) -> None:
         del indexes, found
 
 
-PARTS = {"index": part_index}
+def part_ray(args) -> None:
+    """Ray against the in-process engine on the same photos, the same backbone: images per second."""
+    import tempfile
+
+    from similar_finder import extract_features
+    from similar_finder.ray_engine import start_ray
+
+    photos = Path(args.photos)
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as folder:
+        folder = Path(folder)
+        started = time.perf_counter()
+        local = extract_features(photos, folder / "local.csv", args.backbone, progress=False)
+        local_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        start_ray()
+        ray_start = time.perf_counter() - started
+        started = time.perf_counter()
+        on_ray = extract_features(photos, folder / "ray.csv", args.backbone, progress=False, engine="ray")
+        ray_seconds = time.perf_counter() - started
+        same = on_ray.paths == local.paths and float(np.abs(on_ray.matrix - local.matrix).max()) < 1e-5
+    n = local.stats.embedded
+    print(f"\n{n:,} photos of {photos}, {args.backbone}, {os.cpu_count()} CPUs")
+    print(f"{'engine':<34}{'seconds':>9}{'images/s':>10}")
+    print(f"{'in-process (model built once)':<34}{local_seconds:>9.1f}{n / local_seconds:>10.1f}")
+    print(f"{'Ray (actors start, build, embed)':<34}{ray_seconds:>9.1f}{n / ray_seconds:>10.1f}")
+    print(f"Ray / in-process: {local_seconds / ray_seconds:.2f} (target >= 0.8); starting the local Ray took "
+          f"{ray_start:.1f} s more; identical vectors: {same}")
+
+
+PARTS = {"ray": part_ray, "index": part_index}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="all", choices=[*PARTS, "all"])
+    parser.add_argument("--photos", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
+                                                "clothing"), help="--part ray: a folder of photos")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="--part ray: the backbone")
     parser.add_argument("--sizes", default="1000000,10000000")
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--queries", type=int, default=50)
