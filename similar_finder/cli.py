@@ -42,8 +42,8 @@ def _backbone_options(parser) -> None:
                        help="square input side in pixels (default: the backbone's native size: 224, "
                             "efficientnet_lite1 240, efficientnet_lite2 260)")
     group.add_argument("--weights", type=_weights, default="imagenet",
-                       help="'imagenet' (downloaded by Keras), the path of a local weights file, "
-                            "or 'none' for random weights (tests only)")
+                       help="'imagenet' (downloaded by Keras), the path of a local weights file, a KerasHub "
+                            "preset folder, or 'none' for random weights (tests only)")
 
 
 def _backbone_kwargs(args) -> dict:
@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("labelled_dir", help="folder with one subfolder of photos per class")
     _features_file(p, default=None)
     _backbone_options(p)
-    p.add_argument("--other-backbones", default="", help="comma-separated backbones to compare too, "
-                                                         "e.g. resnet50,vgg19")
+    p.add_argument("--other-backbones", default="", help="comma-separated backbones to compare too, each "
+                                                         "NAME or NAME:POOLING, e.g. resnet50,efficientnet_lite2:gem")
     p.add_argument("--ood", nargs="+", default=[], metavar="DIR",
                    help="folders of photos from other domains: how often each kind says 'No similar images found'")
     p.add_argument("--adapt-split", type=float, default=None, metavar="SHARE",

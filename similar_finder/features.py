@@ -72,7 +72,7 @@ def extract_features(
     """Embed every image under ``images_dir`` and write the feature store (incrementally).
 
     ``backbone=None`` keeps the backbone of an existing ``out_csv``, or uses the
-    default (ResNet50, falling back to EfficientNet-Lite0 offline). Asking for a
+    default (ResNet50, falling back to the offline backbone, EfficientNet-Lite2). Asking for a
     different backbone or configuration than ``out_csv`` holds is an error unless
     ``overwrite=True``: features of two models are never mixed in one file.
 
