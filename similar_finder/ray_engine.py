@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +177,11 @@ class RayRunner:
                                 compute=ActorPoolStrategy(size=self._pool_size(ray)), **actor_options))
         new_shas: dict[str, str] = {}
         batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        started = time.perf_counter()
         with native_stderr_filtered(RAY_NOISE):  # the actors' start-up: its lines are Ray's, not the user's
             first = next(batches, None)
+        self.first_results_after = time.perf_counter() - started  # actors started, models built, first batch
+        log.info("first results after %.1f s (actors starting and building the model)", self.first_results_after)
         for batch in itertools.chain([first] if first is not None else [], batches):
             for path, sha, status, detail in zip(batch["path"], batch["sha256"], batch["status"], batch["detail"]):
                 path, sha, detail = str(path), str(sha), str(detail)
