@@ -237,14 +237,11 @@ def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port:
 
 
 def _warm(service: LibraryService) -> None:
-    """Build the backbone and the default approach now, so the first click and upload are quick."""
-    from .backbones import build_backbone
-    from .features import weights_argument
+    """Build the model and the default approach now, so the first click and upload are quick."""
+    from .features import model_for
 
-    cfg = service.library.config
-    if cfg and not cfg.get("adapter"):
-        build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=int(cfg["input_size"]),
-                       weights=weights_argument(cfg["weights"]))
+    if service.library.config:
+        model_for(service.library.meta)
     service.approach("cosine")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,8 @@ from ._io import DEFAULT_FEATURES, write_json
 from .engines import ENGINES, InProcessRunner
 from .errors import MissingError, check_choice, check_positive
 from .images import IMAGE_EXTENSIONS, load_image
-from .incremental import (CheckpointWriter, KnownResults, content_hashes, load_previous, mismatch_error,
-                          read_partial_config, requested_spec, scan_images)
+from .incremental import (CheckpointWriter, KnownResults, content_hashes, drop_checkpoints, load_previous,
+                          mismatch_error, read_partial_config, requested_spec, scan_images)
 from .store import AUDIT_COLUMNS, STORE_FORMATS, FeatureFiles, FeaturesError, config_of, read_store, write_store
 # Helpers other modules and scripts import from here.
 from .incremental import default_workers, file_sha256, weights_argument  # noqa: F401
@@ -100,20 +99,18 @@ def extract_features(
     check_choice("engine", engine, ENGINES)
     files = FeatureFiles(Path(out_csv).expanduser().resolve())
     if overwrite:
-        shutil.rmtree(files.partial, ignore_errors=True)
-        shutil.rmtree(files.shards, ignore_errors=True)
+        drop_checkpoints(files)
     previous = None if overwrite else load_previous(files, root)
     in_progress = read_partial_config(files.partial) or read_partial_config(files.shards)
     if previous is not None and in_progress is not None and in_progress["config"] != previous["config"]:
         # Checkpoints of a run with other settings (say an --overwrite that was interrupted) must never
         # be merged into this store: the store wins, and they are dropped.
         log.warning("discarding checkpoints of an unfinished run with other settings than %s", files.csv.name)
-        shutil.rmtree(files.partial, ignore_errors=True)
-        shutil.rmtree(files.shards, ignore_errors=True)
+        drop_checkpoints(files)
         in_progress = None
+    held_format = previous["stored"].meta.get("store_format", "csv") if previous else None
     if store_format is None:
-        held = previous["stored"].meta.get("store_format") if previous else None
-        store_format = "parquet" if files.csv.suffix == ".parquet" else held or "csv"
+        store_format = "parquet" if files.csv.suffix == ".parquet" else held_format or "csv"
     check_choice("store format", store_format, STORE_FORMATS)
     adapted_by = None
     if adapter is not None:
@@ -168,11 +165,10 @@ def extract_features(
 
     audit, matrix = known.table(scan, shas, int(config["dim"]))
     unchanged = (previous is not None and previous["audit"][AUDIT_COLUMNS].astype(str).equals(audit.astype(str))
-                 and previous["stored"].meta.get("store_format", "csv") == store_format)
+                 and held_format == store_format)
     if not unchanged:
         write_store(files, root, audit, matrix, config_of(config), store_format)
-    shutil.rmtree(files.partial, ignore_errors=True)
-    shutil.rmtree(files.shards, ignore_errors=True)
+    drop_checkpoints(files)
     stats = ExtractionStats(
         images=len(scan), embedded=len(todo), reused=reused,
         skipped=int((audit["status"] == "skipped").sum()),
@@ -187,23 +183,30 @@ def extract_features(
     return library
 
 
-def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
-    """Embed one image exactly as the library was embedded (backbone and settings from ``meta``)."""
+def model_for(meta: dict):
+    """The model that embedded a library (backbone, settings and adapter from its sidecar), built once per process."""
     from .backbones import build_backbone
-    from .store import require_file
 
-    path = require_file(file)
     cfg = meta.get("config")
     if cfg is None:
         raise FeaturesError("the features file has no sidecar, so new images cannot be embedded the same way; "
                             "re-create it with `similar-finder extract`")
-    pixels, _ = load_image(path, int(cfg["input_size"]))
     model = build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=int(cfg["input_size"]),
                            weights=weights_argument(cfg["weights"]))
     if cfg.get("adapter"):
         from .adapt import AdaptedBackbone, adapter_for
 
         model = AdaptedBackbone(model, adapter_for(cfg["adapter"]))
+    return model
+
+
+def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
+    """Embed one image exactly as the library was embedded (backbone and settings from ``meta``)."""
+    from .store import require_file
+
+    path = require_file(file)
+    model = model_for(meta)
+    pixels, _ = load_image(path, int(meta["config"]["input_size"]))
     return model.embed(pixels[None])[0]
 
 

@@ -115,6 +115,12 @@ def load_previous(files: FeatureFiles, root: Path) -> dict | None:
             "audit": stored.audit, "stored": stored}
 
 
+def drop_checkpoints(files: FeatureFiles) -> None:
+    """Remove an unfinished run's checkpoints, of either engine."""
+    for folder in (files.partial, files.shards):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def read_partial_config(folder: Path) -> dict | None:
     try:
         return {"config": read_json(folder / "config.json")}
@@ -154,8 +160,6 @@ class KnownResults:
 
     def add_shards(self, folder: Path, dim: int, spec: dict | None = None):
         """Results from the Parquet shards of a Ray run (this one, or one that was killed), by content hash."""
-        import pyarrow.parquet as pq
-
         from .store import read_vectors
 
         if (spec or {}).get("discard_partial"):
@@ -164,12 +168,11 @@ class KnownResults:
         before = len(self.by_sha)
         for shard in sorted(folder.glob("shard-*.parquet")):
             try:
-                info = pq.read_table(shard, columns=["status", "detail"]).to_pydict()
-                shas, vectors = read_vectors([shard], dim, key="sha256")
-            except (OSError, ValueError, FeaturesError) as exc:  # a shard cut short: its photos are embedded again
+                info, vectors = read_vectors([shard], dim, ("sha256", "status", "detail"))
+            except FeaturesError as exc:  # a shard cut short: its photos are embedded again
                 log.warning("ignoring the unreadable shard %s: %s", shard.name, exc)
                 continue
-            for sha, status, detail, vector in zip(shas, info["status"], info["detail"], vectors):
+            for sha, status, detail, vector in zip(info["sha256"], info["status"], info["detail"], vectors):
                 self.add(sha, status, detail, None if status == "skipped" else vector)
         if len(self.by_sha) > before:
             log.info("%d results from Ray's shards in %s", len(self.by_sha) - before, folder.name)

@@ -208,15 +208,19 @@ class LibraryService:
         """The fitted approach ``name`` (see :data:`APPROACHES`), built on first use."""
         return self._batcher(name).model
 
+    def _once(self, held: dict, key: str, compute):
+        """``held[key]``, computed by the first caller only: a second first request waits for it, never refits."""
+        value = held.get(key)
+        if value is None:
+            with self._build:
+                value = held.get(key)
+                if value is None:
+                    value = held[key] = compute()
+        return value
+
     def _batcher(self, name: str) -> _Batcher:
         check_choice("approach", name, APPROACHES)
-        batcher = self._approaches.get(name)
-        if batcher is None:
-            with self._build:
-                batcher = self._approaches.get(name)
-                if batcher is None:
-                    batcher = self._approaches[name] = _Batcher(self._fit(name))
-        return batcher
+        return self._once(self._approaches, name, lambda: _Batcher(self._fit(name)))
 
     def _fit(self, name: str):
         from .clustering import ClusterRecommender
@@ -236,21 +240,19 @@ class LibraryService:
 
     def kmeans(self):
         """The K-Means baseline of this library: tuned once, cached by fingerprint, clusters in the catalog."""
-        model = self._derived.get("kmeans")
-        if model is None:
-            from .clustering import KMeansBaseline, clip_k_range
+        from .clustering import KMeansBaseline, clip_k_range
 
-            with self._build:  # two first requests (a sort by cluster and the approach) never tune twice
-                model = self._derived.get("kmeans")
-                if model is None:
-                    library, catalog = self.library, self.catalog
-                    if len(library) < 3:
-                        raise UsageError("K-Means needs at least 3 photos")
-                    model = library.cached("kmeans-app", lambda: KMeansBaseline(
-                        k_range=clip_k_range(range(2, 11), len(library))).fit(library))
-                    catalog.set_clusters(model.labels_, library.fingerprint)
-                    self._derived["kmeans"] = model
-        return model
+        def fit():
+            library, catalog = self.library, self.catalog
+            if len(library) < 3:
+                raise UsageError("K-Means needs at least 3 photos")
+            model = library.cached("kmeans-app", lambda: KMeansBaseline(
+                k_range=clip_k_range(range(2, 11), len(library))).fit(library))
+            catalog.set_clusters(model.labels_, library.fingerprint)
+            return model
+
+        # A sort by cluster and the K-Means approach, asked at once, tune it once.
+        return self._once(self._derived, "kmeans", fit)
 
     def similar(self, image_id, n: int = 5, approach: str = "cosine") -> Answer:
         """The photos most similar to a library photo (never itself)."""
@@ -317,7 +319,8 @@ class LibraryService:
         sha = hashlib.sha256(data).hexdigest()
         root = self.library.root.resolve()
         target = root / folder / f"{stem}-{sha[:8]}{suffix}"
-        if not target.parent.resolve().is_relative_to(root) and target.parent.exists():
+        # resolve() follows every link in the part of the folder that exists: a link leading out is seen here.
+        if not target.parent.resolve().is_relative_to(root):
             raise UploadError(f"{folder} leads outside the library; choose a plain folder name")
         with self._build, self._model:
             created = not target.is_file()
@@ -325,8 +328,6 @@ class LibraryService:
                 if created:
                     with atomic_write(target, "wb") as handle:
                         handle.write(data)
-                if not target.parent.resolve().is_relative_to(root):
-                    raise UploadError(f"{folder} leads outside the library; choose a plain folder name")
                 cfg = self.library.config or {}
                 library = extract_features(self.library.root, self.library.files.csv, None, progress=False,
                                            adapter=(cfg.get("adapter") or {}).get("path"), **self.extract_kwargs)
@@ -348,11 +349,8 @@ class LibraryService:
         """The library's 2-D map (t-SNE or UMAP) in [0, 1]², of an even sample above :data:`MAP_MAX` photos."""
         check_choice("map method", method, ("tsne", "umap"))
         key = f"map-{method}"
-        if key not in self._derived:
-            with self._build:
-                if key not in self._derived:
-                    self._derived[key] = self.library.cached(f"{key}-{MAP_MAX}", lambda: self._compute_map(method))
-        rows, points = self._derived[key]
+        rows, points = self._once(self._derived, key,
+                                  lambda: self.library.cached(f"{key}-{MAP_MAX}", lambda: self._compute_map(method)))
         paths = self.library.paths
         return {"method": {"tsne": "t-SNE", "umap": "UMAP"}[method], "total": len(paths), "shown": len(rows),
                 "sampled": len(rows) < len(paths),
@@ -374,13 +372,10 @@ class LibraryService:
         """Groups of near-identical photos (perceptual hash), largest first."""
         from .descriptors import duplicate_groups
 
-        key = f"duplicates-{max_distance}"
-        if key not in self._derived:
-            with self._build:
-                bits = self.library.vectors("phash")
-                self._derived[key] = duplicate_groups(bits, max_distance, self.library.paths)
+        groups = self._once(self._derived, f"duplicates-{max_distance}", lambda: duplicate_groups(
+            self.library.vectors("phash"), max_distance, self.library.paths))
         paths = self.library.paths
-        return [[{"image_id": int(r), "path": paths[r]} for r in group] for group in self._derived[key]]
+        return [[{"image_id": int(r), "path": paths[r]} for r in group] for group in groups]
 
     # --- files ----------------------------------------------------------------------------
 

@@ -186,11 +186,8 @@ def read_store(csv: str | os.PathLike) -> StoredFeatures:
 
 
 def _read_parquet_store(files: FeatureFiles, meta: dict, audit) -> StoredFeatures:
-    import pyarrow.parquet as pq
-
-    parts = sorted(files.parquet.glob("part-*.parquet"))
-    paths, matrix = read_vectors(parts, int(meta["dim"]))
-    shas = [sha for part in parts for sha in pq.read_table(part, columns=["sha256"]).column(0).to_pylist()]
+    held, matrix = read_vectors(sorted(files.parquet.glob("part-*.parquet")), int(meta["dim"]), ("path", "sha256"))
+    paths, shas = held["path"], held["sha256"]
     kept = audit[audit["status"] != "skipped"] if audit is not None else None
     # The parts must hold the very photos the audit lists, by content: not the same paths with other vectors.
     if kept is None or paths != kept["path"].tolist() or shas != kept["sha256"].tolist():
@@ -199,22 +196,27 @@ def _read_parquet_store(files: FeatureFiles, meta: dict, audit) -> StoredFeature
     return StoredFeatures(paths, matrix, meta, audit)
 
 
-def read_vectors(parts, dim: int, key: str = "path") -> tuple[list[str], np.ndarray]:
-    """``(keys, matrix)`` from Parquet files with a ``key`` column and a ``vector`` column, memory-mapped."""
+def read_vectors(parts, dim: int, columns=("path",)) -> tuple[dict[str, list], np.ndarray]:
+    """``({column: values}, matrix)`` from Parquet files with those ``columns`` and a ``vector`` column.
+
+    Each file is read once, memory-mapped.
+    """
     import pyarrow.parquet as pq
 
-    keys, blocks = [], []
+    values: dict[str, list] = {name: [] for name in columns}
+    blocks = []
     for part in parts:
         try:
-            table = pq.read_table(part, columns=[key, "vector"], memory_map=True)
+            table = pq.read_table(part, columns=[*columns, "vector"], memory_map=True)
         except (OSError, ValueError) as exc:
             raise FeaturesError(f"cannot read {part}: {exc}") from exc
-        keys.extend(table.column(key).to_pylist())
+        for name in columns:
+            values[name].extend(table.column(name).to_pylist())
         vectors = table.column("vector").combine_chunks()
         # A fixed-size list column is one flat float32 buffer: reshaped, not copied row by row.
         blocks.append(np.asarray(vectors.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim))
     matrix = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
-    return keys, matrix
+    return values, matrix
 
 
 def write_vectors(path: Path, columns: dict, vectors: np.ndarray) -> None:

@@ -259,12 +259,15 @@ def test_a_photo_is_added_only_when_asked(tmp_path):
         assert client.post("/api/search", files={"file": ("new.jpg", new)}).status_code == 200
         assert not (tmp_path / "photos" / "uploads").exists()  # a search stores nothing
         assert client.post("/api/library", files={"file": ("notes.txt", b"hello")}).status_code == 400
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "photos" / "out").symlink_to(tmp_path / "elsewhere")
         for name, folder in ((".hidden.jpg", "uploads"), ("new.jpg", ".private"), ("new.jpg", "a/../../out"),
-                             ("new.jpg", "/tmp")):
+                             ("new.jpg", "/tmp"), ("new.jpg", "out"), ("new.jpg", "out/deeper")):
             response = client.post("/api/library", files={"file": (name, new)}, data={"folder": folder})
             assert response.status_code == 400, (name, folder, response.text)
         assert sorted(p.name for p in (tmp_path / "photos").rglob("*") if p.is_file()) == \
             [f"img{i:04d}.jpg" for i in range(6)]  # a refused add writes nothing
+        assert not list((tmp_path / "elsewhere").iterdir())  # nor anything through a link leading out
         added = client.post("/api/library", files={"file": ("new.jpg", new)}).json()
         assert added["path"].startswith("uploads/new-") and (tmp_path / "photos" / added["path"]).is_file()
         assert client.get("/api/info").json()["images"] == 7
