@@ -100,7 +100,7 @@ def main() -> None:
         print(f"library: {args.size:,} random 1280-d vectors, written in {time.perf_counter() - started:.1f} s")
         port = free_port()
         started = time.perf_counter()
-        server = subprocess.Popen([sys.executable, "-m", "similar_finder.app", "--features-file", str(csv),
+        server = subprocess.Popen([sys.executable, "-m", "similar_finder", "app", "--features-file", str(csv),
                                    "--port", str(port), "--quiet"], cwd=folder, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         try:

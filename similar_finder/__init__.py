@@ -1,21 +1,19 @@
 """similar_finder: find visually similar images with pretrained CNN features.
 
 images → features (store) → Library → K-Means baseline / cosine recommender → plots, reports.
-Heavy modules (Keras, TensorFlow) load only when a function that needs them is called.
+Heavy modules (Keras, TensorFlow) load only when a function that needs them is called, and
+importing the package changes nothing in the process (no environment variable, no import hook,
+no umask): a command sets what it needs where it starts (:func:`similar_finder.cli.main`).
 """
 from __future__ import annotations
 
 import importlib
-import os
+import importlib.metadata
 
-from . import _quiet
-
-# TensorFlow's C++ start-up chatter hides the messages that matter to a user: the Python
-# side obeys TF_CPP_MIN_LOG_LEVEL, the native side is filtered while it loads (see _quiet).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-_quiet.install()
-
-__version__ = "0.2.0"
+try:  # the one home of the version is pyproject.toml
+    __version__ = importlib.metadata.version(__name__)
+except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0+unknown"
 
 # Public name -> the module that defines it, imported on first use. No name here is also a
 # module's name: importing that submodule would rebind it on the package.

@@ -11,9 +11,12 @@ command, never where the package happens to be installed.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 DATA_DIR = Path("data")
@@ -21,29 +24,55 @@ MODELS_DIR = Path("models")
 OUTPUT_DIR = Path("output")
 DEFAULT_FEATURES = DATA_DIR / "features.csv"
 
-# mkstemp creates files readable by the owner only; written files should get the
-# usual permissions instead. Reading the umask means setting it, so do it once.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+_UMASK_LOCK = threading.Lock()
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once, on the first write (never on import)."""
+    # mkstemp creates files readable by the owner only; written files should get the usual
+    # permissions instead. Linux tells the umask in /proc; elsewhere reading it means setting it.
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
-    """Open a temporary file for writing; on success rename it over ``path``."""
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """A temporary path beside ``path`` for a writer that wants a file name (Keras, SQLite);
+    renamed over ``path`` once the block succeeds, removed if it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
+    """Open a temporary file for writing; on success rename it over ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content: how a photo (or an adapter) is known, whatever its name."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -81,7 +81,13 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Filter the native start-up output of TensorFlow's first import in this process."""
+    """Filter the native start-up output of TensorFlow's first import in this process.
+
+    Called where a command starts, never on import: the Python side obeys
+    ``TF_CPP_MIN_LOG_LEVEL`` (set here unless the user set it), the native side
+    is filtered while it loads.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _QuietTensorFlowFinder())

@@ -22,7 +22,14 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from . import __version__
+from ._io import DATA_DIR
+from .demo import ensure_demo_library
+from .descriptors import DUPLICATE_BITS
+from .embedding import model_for
 from .errors import SimilarFinderError
+from .features import extract_features
+from .library import as_library, open_library
 from .service import APPROACHES, DEFAULT_MAX_UPLOAD, LibraryService, NotFound, UploadTooLarge
 
 log = logging.getLogger(__name__)
@@ -90,10 +97,8 @@ def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_U
     """
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    from .library import as_library
-
     service = LibraryService(as_library(library), originals=originals, max_upload_bytes=max_upload_bytes)
-    app = FastAPI(title="similar_finder", version=_version(),
+    app = FastAPI(title="similar_finder", version=__version__,
                   description="Browse a photo library and find similar photos. Every photo is named by its "
                               "`image_id` (its row in the library); a path in a request is never opened.")
     app.state.service = service
@@ -167,7 +172,7 @@ def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_U
         return service.add_photo(read_upload(file, request), file.filename or "upload.jpg", folder)
 
     @app.get("/api/duplicates", summary="Groups of near-identical photos, largest first")
-    def duplicates(max_distance: int = Query(6, ge=0, le=32)):
+    def duplicates(max_distance: int = Query(DUPLICATE_BITS, ge=0, le=32)):
         groups = service.duplicates(max_distance)
         return {"groups": groups, "message": None if groups else "No near-duplicates found"}
 
@@ -198,21 +203,10 @@ def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_U
     return app
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port: int = 8000, originals=None,
           open_browser: bool = False, max_upload_mb: float = 25, progress: bool = True, **extract_kwargs) -> None:
     """Extract (if given a folder, or nothing: the demo library), then serve the app until Ctrl-C."""
     import uvicorn
-
-    from ._io import DATA_DIR
-    from .demo import ensure_demo_library
-    from .features import extract_features
-    from .library import open_library
 
     if images_dir is None and features_file is not None:
         library = open_library(features_file)
@@ -238,14 +232,7 @@ def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port:
 
 def _warm(service: LibraryService) -> None:
     """Build the model and the default approach now, so the first click and upload are quick."""
-    from .features import model_for
-
     if service.library.config:
         model_for(service.library.meta)
     service.approach("cosine")
 
-
-if __name__ == "__main__":
-    from .cli import main_for
-
-    sys.exit(main_for("app"))

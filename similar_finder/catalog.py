@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
+from ._io import atomic_path
 from .errors import check_choice
 
 log = logging.getLogger(__name__)
@@ -112,21 +112,12 @@ def update_catalog(library, *, workers: int = 8) -> Path:
                      rec.status, rec.detail, old_clusters.get(rel)))
     skipped = [(r.path, r.sha256, _int(r.size), r.detail) for r in audit.itertuples(index=False)
                if r.status == "skipped"]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with contextlib.closing(sqlite3.connect(tmp)) as db:
-            db.executescript(_SCHEMA)
-            db.executemany("INSERT INTO photos VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            db.executemany("INSERT INTO skipped VALUES (?,?,?,?)", skipped)
-            db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (library.fingerprint,))
-            db.commit()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, contextlib.closing(sqlite3.connect(tmp)) as db:
+        db.executescript(_SCHEMA)
+        db.executemany("INSERT INTO photos VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        db.executemany("INSERT INTO skipped VALUES (?,?,?,?)", skipped)
+        db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (library.fingerprint,))
+        db.commit()
     log.info("catalog %s: %d photos (%d read now), %d skipped", path.name, len(rows), len(todo), len(skipped))
     return path
 

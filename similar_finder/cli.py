@@ -1,11 +1,25 @@
 """The command line, in one place: ``similar-finder <command>`` (or ``python -m similar_finder.<command>``).
 
 Commands: ``extract``, ``cluster``, ``recommend``, ``evaluate``, ``adapt``,
-``duplicates``, ``projector``, ``run-all``, ``app``. Options that mean the same thing are spelled the
-same everywhere: ``--features-file`` is always a feature CSV, ``--kind`` always
-a feature kind. Only the project's own errors (:class:`SimilarFinderError`)
-become a one-line message and exit status 2; anything else is a bug and keeps
-its traceback.
+``duplicates``, ``projector``, ``run-all``, ``app``. One spelling per meaning, in
+every command (``tests/test_cli_flags.py`` walks the parser to keep it so):
+
+- ``--features-file CSV``: the feature CSV, written by ``extract`` and read by the
+  rest. Left out, it is ``data/features.csv``, except where a command is given a
+  folder of photos to embed for its own purpose (``evaluate``, ``adapt``, ``app``):
+  that folder gets its own file, ``data/<eval|adapt|libraries>/<folder>.csv``, so
+  a labelled test set never mixes with or overwrites your library.
+- ``--out DIR``: always a folder. ``--adapter FILE``: the adapter, written by
+  ``adapt``, embedded through by ``extract``/``run-all``/``app``.
+- ``-n/--results N``: how many results per query. ``--clusters K``: a fixed K-Means
+  k (``--clusters-file``: the clusters CSV). ``--kind``: what is compared, a feature
+  kind (``duplicates``: one of the hash kinds).
+
+Old spellings (``--n-sample``, ``-k``, ``--k``, ``--hash``, a file-valued ``--out``,
+...) still work for one release, with one ``warning: ... is deprecated`` line on
+stderr: see :func:`_renamed`. Only the project's own errors
+(:class:`SimilarFinderError`) become a one-line message and exit status 2;
+anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -15,9 +29,50 @@ import sys
 from pathlib import Path
 
 from ._io import DEFAULT_FEATURES, OUTPUT_DIR
+from ._quiet import install as quiet_tensorflow
 from .errors import SimilarFinderError
 
 PROG = "similar-finder"
+
+
+# --- old spellings, kept for one release -------------------------------------------------
+
+def _deprecation_note(namespace, old: str, new: str) -> None:
+    """One ``warning:`` line on stderr per old spelling and command line, however often it is given."""
+    noted = namespace.__dict__.setdefault("_deprecated", set())
+    if old not in noted:
+        noted.add(old)
+        print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
+
+
+class _Renamed(argparse.Action):
+    """An old spelling of another option: stores into that option's ``dest``, after a deprecation note."""
+
+    def __init__(self, option_strings, dest, *, use: str, **kwargs):
+        kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # never overrides the new default
+        super().__init__(option_strings, dest, **kwargs)
+        self.use = use
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _deprecation_note(namespace, option_string, self.use)
+        setattr(namespace, self.dest, values)
+
+
+def _note_old_spellings(parser, text: str) -> None:
+    parser.epilog = (f"{parser.epilog} " if parser.epilog else
+                     "Old spellings, still accepted until the next release (with a warning): ") + text
+
+
+def _renamed(parser, old: str, new: argparse.Action, **overrides) -> None:
+    """Accept ``old`` as a deprecated spelling of ``new`` (what ``add_argument`` returned for it).
+
+    The value is converted and checked as ``new``'s is (``overrides`` replace ``type``, ``choices``, ...) and lands
+    in ``new.dest``; ``--help`` hides ``old`` from the options and names it in its last lines.
+    """
+    use = "/".join(new.option_strings)
+    kwargs = {"type": new.type, "choices": new.choices, "metavar": new.metavar, **overrides}
+    parser.add_argument(old, action=_Renamed, dest=new.dest, use=use, **kwargs)
+    _note_old_spellings(parser, f"{old} (now {use}).")
 
 
 def _weights(value: str) -> str | None:
@@ -46,29 +101,46 @@ def _backbone_options(parser) -> None:
                             "preset folder, or 'none' for random weights (tests only)")
 
 
-def _backbone_kwargs(args) -> dict:
+def _backbone_kwargs(args, *, through_adapter: bool = True) -> dict:
     kwargs = {"backbone": args.backbone, "pooling": args.pooling, "input_size": args.input_size,
               "weights": args.weights}
-    if getattr(args, "adapter", None):
+    if through_adapter and getattr(args, "adapter", None):  # `adapt --adapter` is the file it writes
         kwargs["adapter"] = args.adapter
     return kwargs
 
 
-def _adapter_option(parser) -> None:
-    parser.add_argument("--adapter", default=None, metavar="FILE",
-                        help="embed through an adapter trained with `adapt` (e.g. models/adapter.keras)")
+def _adapter_option(parser, default=None,
+                    help="embed through an adapter trained with `adapt` (e.g. models/adapter.keras)"):
+    return parser.add_argument("--adapter", default=default, metavar="FILE", help=help)
 
 
-def _features_file(parser, default=str(DEFAULT_FEATURES)) -> None:
-    parser.add_argument("--features-file", default=default, metavar="CSV",
-                        help="feature CSV written by `extract` (default: %(default)s)")
+def _features_file(parser, default=str(DEFAULT_FEATURES),
+                   help="feature CSV written by `extract` (default: %(default)s)"):
+    return parser.add_argument("--features-file", default=default, metavar="CSV", help=help)
 
 
-def _kind(parser, default: str = "cnn") -> None:
+def _own_features_file(parser, purpose: str, why: str):
+    """``--features-file`` of a command that embeds a folder of photos for its own purpose (see the docstring)."""
+    return _features_file(parser, default=None,
+                          help=f"feature CSV to embed the photos into, or to reuse (default: data/{purpose}/<folder>"
+                               f".csv, not data/features.csv: {why})")
+
+
+def _kind(parser, default: str = "cnn", choices=None,
+          help="what the nearest-neighbour recommender compares (default: %(default)s)"):
     from .kinds import KINDS
 
-    parser.add_argument("--kind", choices=list(KINDS), default=default,
-                        help="what the nearest-neighbour recommender compares (default: %(default)s)")
+    return parser.add_argument("--kind", choices=list(choices or KINDS), default=default, help=help)
+
+
+def _results(parser, help: str):
+    return parser.add_argument("-n", "--results", type=int, default=5, metavar="N",
+                               help=f"{help} (default: %(default)s)")
+
+
+def _out(parser, default, what: str):
+    """``--out``: in every command a folder, never a file."""
+    return parser.add_argument("--out", default=default, metavar="DIR", help=f"folder for {what}")
 
 
 def _quiet(parser) -> None:
@@ -82,7 +154,7 @@ def _extract(args) -> None:
     from .features import extract_features
 
     images = args.images_dir if args.images_dir is not None else ensure_demo_library()
-    library = extract_features(images, args.out, **_backbone_kwargs(args), batch_size=args.batch_size,
+    library = extract_features(images, args.features_file, **_backbone_kwargs(args), batch_size=args.batch_size,
                                workers=args.workers, checkpoint_every=args.checkpoint_every,
                                overwrite=args.overwrite, progress=not args.quiet, engine=args.engine,
                                address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,
@@ -94,9 +166,19 @@ def _extract(args) -> None:
 def _cluster(args) -> None:
     from .clustering import fit_baseline
 
-    model = fit_baseline(args.features_file, k=args.k, k_range=range(args.k_min, args.k_max + 1),
-                         model_path=args.model, clusters_csv=args.clusters, normalize=not args.no_normalize)
-    print(f"chosen k = {model.k_}; model saved to {args.model}, clusters to {args.clusters}")
+    model = fit_baseline(args.features_file, k=args.clusters, k_range=range(args.k_min, args.k_max + 1),
+                         model_path=args.model, clusters_csv=args.clusters_file, normalize=not args.no_normalize)
+    print(f"chosen k = {model.k_}; model saved to {args.model}, clusters to {args.clusters_file}")
+
+
+def _gate(text: str) -> float:
+    """``--gate``: a gate score, or ``off`` (no gate: infinity, as ``gate=np.inf`` in Python)."""
+    if text.strip().lower() == "off":
+        return float("inf")
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'off'") from None
 
 
 def _recommend(args) -> None:
@@ -106,15 +188,16 @@ def _recommend(args) -> None:
         from .clustering import recommend_by_cluster
         from .errors import UsageError
 
-        if args.kind != "cnn" or args.threshold is not None:
+        if args.kind != "cnn" or args.threshold is not None or args.gate is not None:
             raise UsageError("--approach kmeans clusters CNN features and always answers: "
-                             "--kind and --threshold apply to the cosine approach only")
+                             "--kind, --threshold and --gate apply to the cosine approach only")
 
-        result = recommend_by_cluster(args.file, args.n, library=args.features_file, model=args.model)
+        result = recommend_by_cluster(args.file, args.results, library=args.features_file, model=args.model)
     else:
         from .recommender import recommend
 
-        result = recommend(args.file, args.n, args.threshold, kind=args.kind, library=args.features_file)
+        result = recommend(args.file, args.results, args.threshold, gate=args.gate, kind=args.kind,
+                           library=args.features_file)
     print(result.to_string(index=False, float_format=lambda x: f"{x:.4f}") if len(result) else NO_RESULTS)
 
 
@@ -125,7 +208,7 @@ def _evaluate(args) -> None:
     evaluation = evaluate(args.labelled_dir, features_csv=args.features_file, other_backbones=others,
                           other_domains=args.ood, adapt_split=args.adapt_split,
                           adapt_unseen_classes=args.adapt_unseen_classes, fine_tune_blocks=args.fine_tune_blocks,
-                          k=args.k, out_dir=args.out,
+                          k=args.results, out_dir=args.out,
                           progress=not args.quiet, **_backbone_kwargs(args))
     print(f"\nbackbone: {evaluation.backbone}")
     print(evaluation.to_markdown())
@@ -136,11 +219,11 @@ def _evaluate(args) -> None:
 
 
 def _duplicates(args) -> None:
-    from .descriptors import write_duplicates
+    from .near_duplicates import write_duplicates
 
     root = Path(args.images_dir)
     out = Path(args.out) if args.out else OUTPUT_DIR / root.resolve().name / "duplicates"
-    groups = write_duplicates(root, out, args.max_distance, args.hash)
+    groups = write_duplicates(root, out, args.max_distance, args.kind)
     if not groups:
         print(f"no near-duplicates found under {root} (max distance {args.max_distance} bits)")
         return
@@ -153,9 +236,9 @@ def _duplicates(args) -> None:
 def _adapt(args) -> None:
     from .adapt import adapt
 
-    result = adapt(args.labelled_dir, args.out, features_csv=args.features_file, loss=args.loss,
+    result = adapt(args.labelled_dir, args.adapter, features_csv=args.features_file, loss=args.loss,
                    epochs=args.epochs, fine_tune_blocks=args.fine_tune_blocks, progress=not args.quiet,
-                   **_backbone_kwargs(args))
+                   **_backbone_kwargs(args, through_adapter=False))
     print(f"validation photos (never trained on), precision@5: {result.before['precision@5']:.3f} plain, "
           f"{result.after['precision@5']:.3f} adapted; mAP {result.before['mAP']:.3f} -> {result.after['mAP']:.3f}")
     print(f"adapter saved to {result.path}; use it with `similar-finder extract DIR --adapter {result.path}`")
@@ -169,9 +252,9 @@ def _projector(args) -> None:
 
 
 def _run_all(args) -> None:
-    from .run_all import run_all
+    from .pipeline import run_all
 
-    summary = run_all(args.images_dir, out=args.out, n_sample=args.n_sample, limit=args.limit, kind=args.kind,
+    summary = run_all(args.images_dir, out=args.out, n_sample=args.results, limit=args.limit, kind=args.kind,
                       progress=not args.quiet, **_backbone_kwargs(args))
     print(f"\nreport: {summary.report} (and report.md)")
     print(f"grids:  {summary.out / 'rec'}/{summary.approach} and /kmeans ({summary.grids} each)")
@@ -186,9 +269,21 @@ def _app(args) -> None:
           progress=not args.quiet, **_backbone_kwargs(args))
 
 
+class _ClustersOrOldFile(argparse.Action):
+    """``cluster --clusters``: a whole number is the k to use; anything else is the clusters CSV it named before."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, int(values))
+        except ValueError:
+            _deprecation_note(namespace, "--clusters FILE",
+                              "--clusters-file (--clusters is now the number of clusters)")
+            namespace.clusters_file = values
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .clustering import DEFAULT_CLUSTERS, DEFAULT_MODEL
-    from .kinds import HASH_KINDS
+    from .clustering import DEFAULT_CLUSTERS, DEFAULT_K_RANGE, DEFAULT_MODEL
+    from .descriptors import DUPLICATE_BITS, HASH_KINDS
 
     parser = argparse.ArgumentParser(prog=PROG, description="Find visually similar images with pretrained CNN "
                                                             "features.")
@@ -199,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "feature CSV. Re-running only embeds new or changed photos.")
     p.add_argument("images_dir", nargs="?", default=None,
                    help="folder of photos, searched recursively (default: the embedded demo library)")
-    p.add_argument("--out", default=str(DEFAULT_FEATURES), help="feature CSV to write (default: %(default)s)")
+    features = _features_file(p, help="feature CSV to write, the one every other command reads (default: "
+                                      "%(default)s)")
+    _renamed(p, "--out", features)
     _backbone_options(p)
     _adapter_option(p)
     p.add_argument("--batch-size", type=int, default=32)
@@ -210,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "settings")
     p.add_argument("--format", choices=("csv", "parquet"), default=None,
                    help="store the vectors as CSV (+ .npy) or as Parquet parts, for very large libraries (default: "
-                        "parquet for an --out ending in .parquet, else the store's own format, else csv)")
+                        "parquet for a --features-file ending in .parquet, else the store's own format, else csv)")
     group = p.add_argument_group("engine")
     group.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="embed in this process (default) or on Ray: parallel decoding, one model per actor")
@@ -227,11 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Fit the K-Means baseline: k chosen by silhouette score, model saved "
                                         "with joblib.")
     _features_file(p)
-    p.add_argument("--k-min", type=int, default=2)
-    p.add_argument("--k-max", type=int, default=10)
-    p.add_argument("--k", type=int, default=None, help="use this k instead of tuning it")
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--clusters", default=str(DEFAULT_CLUSTERS))
+    p.add_argument("--k-min", type=int, default=DEFAULT_K_RANGE.start, help="smallest k tried (default: %(default)s)")
+    p.add_argument("--k-max", type=int, default=DEFAULT_K_RANGE.stop - 1, help="largest k tried (default: %(default)s)")
+    clusters = p.add_argument("--clusters", action=_ClustersOrOldFile, default=None, metavar="K",
+                              help="use this many clusters instead of choosing k by silhouette (a value that is not "
+                                   "a whole number is taken, for one release, as the clusters CSV that --clusters "
+                                   "named before: use --clusters-file for that)")
+    _renamed(p, "--k", clusters, type=int)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), metavar="FILE",
+                   help="K-Means model to write (default: %(default)s)")
+    p.add_argument("--clusters-file", default=str(DEFAULT_CLUSTERS), metavar="CSV",
+                   help="CSV of each photo's cluster to write (default: %(default)s)")
+    _note_old_spellings(p, "--clusters FILE (now --clusters-file).")
     p.add_argument("--no-normalize", action="store_true", help="cluster raw vectors, not unit vectors")
     p.set_defaults(run=_cluster)
 
@@ -239,19 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Print the library photos most similar to FILE (or 'No similar images "
                                         "found').")
     p.add_argument("file", help="a photo: one of the library's, or a new one")
-    p.add_argument("-n", type=int, default=5, help="how many results at most (default: 5)")
+    _results(p, "how many results at most")
     _features_file(p)
     _kind(p)
     p.add_argument("--approach", choices=("cosine", "kmeans"), default="cosine",
                    help="thresholded nearest neighbours (default) or the K-Means baseline")
-    p.add_argument("--threshold", type=float, default=None, help="distance limit (default: the calibrated one)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="K-Means model, with --approach kmeans")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="distance limit for the results; 0 refuses every photo (default: the calibrated one). "
+                        "The gate still applies: see --gate")
+    p.add_argument("--gate", type=_gate, default=None, metavar="SCORE|off",
+                   help="domain gate: a query whose gate score (mean distance to its 3 nearest photos) is not "
+                        "under it gets no results; 'off' turns it off, --threshold still applies (default: the "
+                        "calibrated gate)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), metavar="FILE",
+                   help="K-Means model written by `cluster`, with --approach kmeans (default: %(default)s)")
     p.set_defaults(run=_recommend)
 
     p = commands.add_parser("evaluate", help="score every approach and feature kind on a labelled folder",
                             description="Leave-one-out retrieval scores on a folder with one subfolder per class.")
     p.add_argument("labelled_dir", help="folder with one subfolder of photos per class")
-    _features_file(p, default=None)
+    _own_features_file(p, "eval", "a labelled test set keeps its own file, never mixed with your library")
     _backbone_options(p)
     p.add_argument("--other-backbones", default="", help="comma-separated backbones to compare too, each "
                                                          "NAME or NAME:POOLING, e.g. resnet50,efficientnet_lite2:gem")
@@ -264,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train on half of the classes and score on the other half")
     p.add_argument("--fine-tune-blocks", type=int, default=0,
                    help="with --adapt-split: the adapters also fine-tune the backbone's last N blocks")
-    p.add_argument("-k", type=int, default=5, help="results per query scored (default: 5)")
-    p.add_argument("--out", default=str(OUTPUT_DIR), help="folder for evaluation.csv / .md (default: %(default)s)")
+    _renamed(p, "-k", _results(p, "results per query scored: precision@N, recall@N"))
+    _out(p, str(OUTPUT_DIR), "evaluation.csv / .md (default: %(default)s)")
     _quiet(p)
     p.set_defaults(run=_evaluate)
 
@@ -273,8 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Train a small metric-learning head on the backbone's frozen features of "
                                         "photos sorted into one folder per class; extract --adapter uses it.")
     p.add_argument("labelled_dir", help="folder with one subfolder of photos per class")
-    p.add_argument("--out", default="models/adapter.keras", help="adapter file to write (default: %(default)s)")
-    _features_file(p, default=None)
+    _renamed(p, "--out", _adapter_option(p, default="models/adapter.keras",
+                                         help="adapter file to write, the one `extract --adapter` reads "
+                                              "(default: %(default)s)"))
+    _own_features_file(p, "adapt", "plain backbone features of the labelled photos, kept apart from your "
+                                   "library (which may be adapted)")
     _backbone_options(p)
     p.add_argument("--loss", choices=("arcface", "supcon"), default="arcface")
     p.add_argument("--epochs", type=int, default=60, help="at most this many (training stops early)")
@@ -286,26 +400,27 @@ def build_parser() -> argparse.ArgumentParser:
                             description="List groups of near-identical images (resized, recompressed or lightly "
                                         "edited copies), write duplicates.csv and one picture per group.")
     p.add_argument("images_dir")
-    p.add_argument("--max-distance", type=int, default=6, help="differing bits of 64 still called a copy")
-    p.add_argument("--hash", choices=HASH_KINDS, default="phash")
-    p.add_argument("--out", default=None, help="folder for duplicates.csv and the pictures "
-                                               "(default: output/<folder>/duplicates)")
+    p.add_argument("--max-distance", type=int, default=DUPLICATE_BITS,
+                   help="differing bits of 64 still called a copy (default: %(default)s)")
+    _renamed(p, "--hash", _kind(p, "phash", HASH_KINDS, help="which perceptual hash compares the photos: one of "
+                                                            "the hash kinds (default: %(default)s)"))
+    _out(p, None, "duplicates.csv and the pictures (default: output/<folder>/duplicates)")
     p.set_defaults(run=_duplicates)
 
     p = commands.add_parser("projector", help="files for TensorBoard's embedding projector",
                             description="Write tensors, metadata and a sprite for TensorBoard's projector.")
     _features_file(p)
-    p.add_argument("--out", default=None, help="folder for the files (default: output/projector)")
+    _out(p, None, "the files (default: output/projector)")
     p.set_defaults(run=_projector)
 
     p = commands.add_parser("run-all", help="everything: features, both approaches, grids, plots, report",
                             description="Features, both recommenders, grids, plots and a report.")
     p.add_argument("images_dir", nargs="?", default=None, help="folder of photos (default: the embedded demo "
                                                                "library)")
-    p.add_argument("--out", default=None, help="output folder (default: output/<folder name>)")
+    _out(p, None, "everything, features.csv included (default: output/<folder name>)")
     _backbone_options(p)
     _adapter_option(p)
-    p.add_argument("--n-sample", type=int, default=5, help="recommendations per image (default: 5)")
+    _renamed(p, "--n-sample", _results(p, "recommendations per image"))
     p.add_argument("--limit", type=int, default=None, help="draw grids for an even sample of N images")
     _kind(p)
     _quiet(p)
@@ -317,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(incrementally); with only --features-file that library is served.")
     p.add_argument("images_dir", nargs="?", default=None, help="folder of photos (default: the embedded demo "
                                                                "library, or the library of --features-file)")
-    p.add_argument("--features-file", "--features", default=None, metavar="CSV",
-                   help="feature CSV to serve, or to write for IMAGES_DIR (default: data/libraries/<folder>.csv)")
+    _renamed(p, "--features", _features_file(
+        p, default=None, help="feature CSV to serve, or to embed IMAGES_DIR into (default: data/libraries/<folder>"
+                              ".csv, not data/features.csv: each folder served keeps its own library)"))
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
                                                        "only)")
     p.add_argument("--port", type=int, default=8000)
@@ -343,6 +459,7 @@ def main(argv=None) -> int:
     import warnings
 
     args = build_parser().parse_args(argv)
+    quiet_tensorflow()  # before anything imports TensorFlow: its native start-up lines are noise to a user
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     warnings.showwarning = _show_warning
     try:

@@ -19,12 +19,16 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 from ._io import DATA_DIR, DEFAULT_FEATURES, MODELS_DIR, atomic_write, write_csv
 from .errors import SimilarFinderError, UsageError, check_choice, check_positive
 from .library import Library, as_library
 from .neighbors import l2_normalize, own_rows
 from .recommender import Approach
+from .thresholds import Calibration
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = MODELS_DIR / "kmeans.joblib"
@@ -115,10 +119,10 @@ def tune_k(features: np.ndarray, k_range=DEFAULT_K_RANGE, *, normalize: bool = T
     return table, best
 
 
-class KMeansBaseline:
-    """K-Means with k chosen by silhouette; scikit-learn shape, saved with joblib.
+class KMeansBaseline(BaseEstimator):
+    """K-Means with k chosen by silhouette; a scikit-learn estimator, saved with joblib.
 
-    ``k_range`` is clipped to what the library's size allows.
+    ``k=None`` tunes k over ``k_range``, clipped to what the library's size allows.
     """
 
     def __init__(self, k: int | None = None, k_range=DEFAULT_K_RANGE, *, normalize: bool = True,
@@ -129,12 +133,14 @@ class KMeansBaseline:
     def _prepare(self, x):
         return l2_normalize(x) if self.normalize else np.asarray(x, np.float32)
 
-    def fit(self, features, meta: dict | None = None) -> "KMeansBaseline":
-        """Fit on a :class:`Library` (its CNN features) or a matrix."""
-        if isinstance(features, Library):
-            meta = {**features.meta, "features_file": str(features.files.csv), **(meta or {})}
-            features = features.matrix
-        features = np.asarray(features, np.float32)
+    def fit(self, X, y=None) -> "KMeansBaseline":
+        """Fit on ``X``, a :class:`Library` (its CNN features) or a matrix; ``y`` is ignored (scikit-learn's
+        signature for clusterers)."""
+        meta = {}
+        if isinstance(X, Library):
+            meta = {**X.meta, "features_file": str(X.files.csv)}
+            X = X.matrix
+        features = np.asarray(X, np.float32)
         started = time.perf_counter()
         if self.k is None:
             self.tuning_, self.k_ = tune_k(features, clip_k_range(self.k_range, len(features)),
@@ -146,7 +152,7 @@ class KMeansBaseline:
         self.model_, self.labels_, _ = fit_kmeans(self.k_, features, normalize=self.normalize,
                                                   random_state=self.random_state)
         self.dim_ = features.shape[1]
-        self.metadata_ = self._metadata(meta or {}, time.perf_counter() - started)
+        self.metadata_ = self._metadata(meta, time.perf_counter() - started)
         return self
 
     def _metadata(self, meta: dict, seconds: float) -> dict:
@@ -163,6 +169,7 @@ class KMeansBaseline:
         }
 
     def _check(self, features):
+        check_is_fitted(self, "model_")
         features = np.atleast_2d(np.asarray(features, np.float32))
         if features.shape[1] != self.dim_:
             raise ClusteringError(f"the model was fitted on {self.dim_}-d features, got {features.shape[1]}-d; "
@@ -208,37 +215,49 @@ def fit_baseline(library=DEFAULT_FEATURES, *, k: int | None = None, k_range=DEFA
 class ClusterRecommender(Approach):
     """The K-Means baseline as a recommender: a query gets images of its predicted cluster.
 
-    ``order="distance"`` ranks the members by cosine distance to the query;
-    ``order="file"`` takes them in file order, as the original notebook did
-    (kept for comparison: every query of a cluster then gets the same images).
-    It has no threshold: K-Means always answers. ``kneighbors`` pads with
-    distance ``inf`` and index ``-1`` when a cluster has fewer members than asked.
+    ``model`` is a fitted :class:`KMeansBaseline` (used as it is), its joblib
+    file, an unfitted one (fitted on the library, as a clone) or None (a new one
+    over ``k_range``). ``order="distance"`` ranks the members by cosine
+    distance to the query; ``order="file"`` takes them in file order, as the
+    original notebook did (kept for comparison: every query of a cluster then
+    gets the same images). It has no threshold and no gate: K-Means always
+    answers (``calibration_`` is :meth:`Calibration.answer_all`; a threshold
+    given to ``recommend`` still applies). ``kneighbors`` pads with distance
+    ``inf`` and index ``-1`` when a cluster has fewer members than asked.
     """
 
     approach = "kmeans"
-    kind = "cnn"
+    kind = "cnn"  # K-Means clusters the CNN features; not a parameter
 
     def __init__(self, model: KMeansBaseline | str | os.PathLike | None = None, *, order: str = "distance",
                  k_range=DEFAULT_K_RANGE):
-        self.model, self.order, self.k_range = model, check_choice("order", order, ORDERS), k_range
+        self.model, self.order, self.k_range = model, order, k_range
 
-    def fit(self, features, paths=None) -> "ClusterRecommender":
-        matrix = self._fit_library(features, paths, "cnn")
-        model = self.model
+    def fit(self, X, paths=None) -> "ClusterRecommender":
+        """Hold the library ``X`` (a :class:`Library`, or a matrix with optional paths) and its clusters."""
+        check_choice("order", self.order, ORDERS)
+        self.kind_ = self.kind
+        matrix = self._fit_library(X, paths, self.kind_)
+        model, fitted_here = self.model, True
         if model is None:
-            model = KMeansBaseline(k_range=self.k_range).fit(features)
-        elif not isinstance(model, KMeansBaseline):
-            model = KMeansBaseline.load(model)
+            model = KMeansBaseline(k_range=self.k_range).fit(X)
+        elif isinstance(model, KMeansBaseline) and not _is_fitted(model):
+            model = clone(model).fit(X)  # e.g. after sklearn.base.clone of this recommender
+        else:
+            model = model if isinstance(model, KMeansBaseline) else KMeansBaseline.load(model)
+            fitted_here = False
         _check_compatible(model, getattr(self.library_, "meta", {}), matrix)
         self.kmeans_ = model
         self.unit_ = l2_normalize(matrix)
-        self.labels_ = model.labels_ if self.model is None else model.predict(matrix)
-        self.threshold_ = np.inf
+        # A model fitted elsewhere may have seen other photos: these photos' clusters are what it predicts.
+        self.labels_ = model.labels_ if fitted_here else model.predict(matrix)
+        self.calibration_ = Calibration.answer_all(metric="cosine", center=False)
         return self
 
     def kneighbors(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
         """Cluster members of each query, ranked by ``order``: ``(distances, indices)`` padded with inf / -1."""
         check_positive("n_neighbors", n_neighbors)
+        check_is_fitted(self, "kmeans_")
         if queries is None:
             rows = own_rows(len(self.unit_), rows)
             unit, clusters = self.unit_[rows], self.labels_[rows]
@@ -278,6 +297,14 @@ def recommend_by_cluster(file, n_sample: int = 4, order: str = "distance", *, li
     if key not in library.models:
         library.models[key] = ClusterRecommender(model, order=order).fit(library)
     return library.models[key].recommend(file, n_sample)
+
+
+def _is_fitted(model: KMeansBaseline) -> bool:
+    try:
+        check_is_fitted(model, "model_")
+    except NotFittedError:
+        return False
+    return True
 
 
 def _file_key(path) -> tuple:

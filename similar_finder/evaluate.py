@@ -22,18 +22,22 @@ import numpy as np
 import pandas as pd
 
 from ._io import DATA_DIR, OUTPUT_DIR, atomic_write, read_json, write_csv, write_json
+from .adapt.pipeline import compare_adapted, fine_tuning_inputs
+from .adapt.training import class_split, stratified_split
+from .backbones import BackboneError, weights_value
 from .clustering import DEFAULT_K_RANGE, ClusterRecommender, KMeansBaseline, clip_k_range
+from .features import extract_features
 from .kinds import get_kind
 from .library import Library
+from .metrics import full_rankings, retrieval_scores
 from .neighbors import Neighbors, sample_rows
 from .recommender import Approach, Recommender
-from .thresholds import calibrate_threshold
+from .thresholds import Calibration, calibrate_threshold
 
 log = logging.getLogger(__name__)
 MAX_QUERIES = 2_000  # above this many images, scores average over an even sample of queries
 CALIBRATION_QUERIES = 1_000  # each held-out class recalibrates the threshold: on a sample, to stay fast
 COMPARED_KINDS = ("pca", "color", "ahash", "dhash", "phash", "pixels")
-RANKING_BLOCK = 256  # queries ranked at once: bounds the memory of full rankings
 
 
 @dataclass
@@ -61,39 +65,6 @@ class Evaluation:
             handle.write(markdown)
 
 
-def retrieval_scores(rankings, labels: np.ndarray, k: int = 5, queries=None) -> dict:
-    """Mean precision@k, recall@k and average precision of ranked result lists.
-
-    ``rankings[i]`` lists the library rows returned for query row
-    ``queries[i]`` (default: row ``i``), itself excluded, best first; rows never
-    returned (or ``-1`` padding) count as misses.
-    """
-    counts = pd.Series(labels).value_counts()
-    precision, recall, average_precision = [], [], []
-    queries = range(len(rankings)) if queries is None else queries
-    for query, ranked in zip(queries, rankings):
-        ranked = np.asarray(ranked, dtype=int)
-        ranked = ranked[ranked >= 0]
-        relevant_total = counts[labels[query]] - 1
-        hits = labels[ranked] == labels[query]
-        precision.append(hits[:k].sum() / k)
-        if relevant_total == 0:
-            continue
-        recall.append(hits[:k].sum() / relevant_total)
-        ranks = np.flatnonzero(hits) + 1
-        average_precision.append((np.arange(1, len(ranks) + 1) / ranks).sum() / relevant_total)
-    return {f"precision@{k}": float(np.mean(precision)), f"recall@{k}": float(np.mean(recall)),
-            "mAP": float(np.mean(average_precision))}
-
-
-def full_rankings(approach: Approach, queries: np.ndarray, n: int) -> list[np.ndarray]:
-    """Every library row each query row gets from ``approach``, best first (itself excluded)."""
-    rankings = []
-    for start in range(0, len(queries), RANKING_BLOCK):
-        rankings.extend(approach.kneighbors(None, n - 1, rows=queries[start:start + RANKING_BLOCK])[1])
-    return rankings
-
-
 def _query_ms(approach: Approach, matrix: np.ndarray, k: int, queries: int = 20) -> float:
     """Median time of one query against the library, in milliseconds."""
     times = []
@@ -119,28 +90,27 @@ def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cos
         if len(np.unique(labels[inside])) < 2:
             continue
         remaining = Neighbors(metric, center=True).fit(matrix[inside])
-        calibration = calibrate_threshold(matrix[inside], labels[inside], neighbors=remaining,
-                                          max_queries=CALIBRATION_QUERIES)
+        calibration = Calibration.from_dict(calibrate_threshold(matrix[inside], labels[inside], neighbors=remaining,
+                                                                max_queries=CALIBRATION_QUERIES))
         no_result.extend(~_answered(remaining.search(matrix[~inside], 1), calibration))
     neighbors = neighbors or Neighbors(metric, center=True).fit(matrix)
-    calibration = calibrate_threshold(matrix, labels, neighbors=neighbors)
+    calibration = Calibration.from_dict(calibrate_threshold(matrix, labels, neighbors=neighbors))
     queries = np.arange(len(matrix)) if queries is None else np.asarray(queries)
     return {"held-out: no result": float(np.mean(no_result)),
             "in library: answered": float(np.mean(_answered(neighbors.search(None, 1, rows=queries), calibration))),
-            "threshold": float(calibration["value"])}
+            "threshold": calibration.threshold}
 
 
-def _answered(search_result, calibration: dict) -> np.ndarray:
-    """Which queries of ``Neighbors.search(..., 1)`` get an answer under a calibration's gate and threshold."""
-    distances, _, gates = search_result
-    return (gates < calibration["gate"]) & (distances[:, 0] < calibration["value"])
+def _answered(search_result, calibration: Calibration) -> np.ndarray:
+    """Which queries of ``Neighbors.search(...)`` get any answer: the calibration decides (:meth:`Calibration.keep`)."""
+    return calibration.keep(*search_result).any(axis=1)
 
 
 def default_rule_honesty(matrix: np.ndarray, metric: str, queries, other_domain: np.ndarray | None,
                          neighbors: Neighbors) -> dict:
     """With the default (unlabelled) calibration: the share of library photos answered (leave-one-out)
     and, given photos of other domains, the share of those told "No similar images found"."""
-    calibration = calibrate_threshold(matrix, neighbors=neighbors)
+    calibration = Calibration.from_dict(calibrate_threshold(matrix, neighbors=neighbors))
     scores = {"library: answered": float(np.mean(_answered(neighbors.search(None, 1, rows=queries), calibration)))}
     if other_domain is not None:
         scores["other-domain: no result"] = float(np.mean(~_answered(neighbors.search(other_domain, 1),
@@ -152,8 +122,8 @@ def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k
                            other_domain: np.ndarray | None = None) -> dict:
     model = Recommender(metric, threshold=np.inf, gate=np.inf).fit(matrix)  # one library copy for every measure
     return {"method": name, **retrieval_scores(full_rankings(model, queries, len(matrix)), labels, k, queries),
-            **threshold_honesty(matrix, labels, metric, queries=queries, neighbors=model.neighbors),
-            **default_rule_honesty(matrix, metric, queries, other_domain, model.neighbors),
+            **threshold_honesty(matrix, labels, metric, queries=queries, neighbors=model.neighbors_),
+            **default_rule_honesty(matrix, metric, queries, other_domain, model.neighbors_),
             "dims": matrix.shape[1], "query ms": _query_ms(model, matrix, k)}
 
 
@@ -227,9 +197,6 @@ def split_backbone_option(entry: str) -> tuple[str, str | None]:
 
 def _other_backbone_sets(labelled_dir: Path, library: Library, names, progress: bool) -> dict:
     """``{row name: (matrix, "cosine", {"photos/s": ...})}`` for each of ``names`` (``NAME`` or ``NAME:POOLING``)."""
-    from .backbones import BackboneError
-    from .features import extract_features
-
     sets = {}
     for entry in names:
         name, pooling = split_backbone_option(entry)
@@ -267,14 +234,12 @@ def extraction_throughput(library: Library) -> float:
 
 def other_domain_libraries(library: Library, folders, progress: bool = True) -> list[Library]:
     """Photos of other domains, embedded exactly as ``library`` was, each into a features file beside it."""
-    from .features import extract_features, weights_argument
-
     cfg = library.config
     libraries = []
     for folder in map(Path, folders):
         csv = library.files.csv.with_name(f"{library.files.csv.stem}.other-{folder.resolve().name}.csv")
         libraries.append(extract_features(folder, csv, cfg["backbone"], pooling=cfg["pooling"],
-                                          input_size=cfg["input_size"], weights=weights_argument(cfg["weights"]),
+                                          input_size=cfg["input_size"], weights=weights_value(cfg["weights"]),
                                           adapter=(cfg.get("adapter") or {}).get("path"), progress=progress))
     return libraries
 
@@ -284,8 +249,6 @@ def adaptation_table(library: Library, *, split: float | None = 0.5, unseen_clas
     """Plain against adapted retrieval on photos the adapter never saw: a stratified ``split`` of the
     photos held out, and/or half of the classes held out (``unseen_classes``). ``fine_tune_blocks``:
     the adapters also fine-tune the backbone's last blocks."""
-    from .adapt import class_split, compare_adapted, fine_tuning_inputs, stratified_split
-
     labels = library.labels(required=True)
     tuning = fine_tuning_inputs(library, fine_tune_blocks)[0] if fine_tune_blocks else None
     rows = []
@@ -314,8 +277,6 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
     rule should answer with "No similar images found". ``adapt_split`` and
     ``adapt_unseen_classes`` add :func:`adaptation_table`.
     """
-    from .features import extract_features
-
     labelled_dir = Path(labelled_dir)
     if features_csv is None:
         features_csv = DATA_DIR / "eval" / f"{labelled_dir.resolve().name}.csv"
@@ -330,8 +291,3 @@ def evaluate(labelled_dir: str | os.PathLike, *, features_csv: str | os.PathLike
     evaluation.save(Path(out_dir) / "evaluation")
     return evaluation
 
-
-if __name__ == "__main__":
-    from .cli import main_for
-
-    raise SystemExit(main_for("evaluate"))

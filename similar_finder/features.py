@@ -10,7 +10,7 @@ files). The work is split the way it flows, each part in its own module:
   turns that list of files into vectors, checkpointing as it goes;
 * :mod:`.store` writes the result, atomically, and is the only code that reads it.
 
-``embed_file`` embeds one new photo exactly as a library was embedded.
+One new photo is embedded exactly as a library was by :mod:`.embedding`.
 """
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ import numpy as np
 from ._io import DEFAULT_FEATURES, write_json
 from .engines import ENGINES, InProcessRunner
 from .errors import MissingError, check_choice, check_positive
-from .images import IMAGE_EXTENSIONS, load_image
+from .adapt.model import load_adapter
+from .embedding import build_model
+from .images import IMAGE_EXTENSIONS, scan_images
 from .incremental import (CheckpointWriter, KnownResults, content_hashes, drop_checkpoints, load_previous,
-                          mismatch_error, read_partial_config, requested_spec, scan_images)
+                          mismatch_error, read_partial_config, requested_spec)
+from .library import Library
+from .ray_engine import RayRunner
 from .store import AUDIT_COLUMNS, STORE_FORMATS, FeatureFiles, FeaturesError, config_of, read_store, write_store
-# Helpers other modules and scripts import from here.
-from .incremental import default_workers, file_sha256, weights_argument  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,6 @@ def extract_features(
     Returns the :class:`~similar_finder.library.Library`, opened, with
     ``library.stats`` (an :class:`ExtractionStats`) saying what this run did.
     """
-    from .library import Library
-
     started = time.perf_counter()
     root = Path(images_dir).expanduser().resolve()
     if not root.is_dir():
@@ -114,8 +114,6 @@ def extract_features(
     check_choice("store format", store_format, STORE_FORMATS)
     adapted_by = None
     if adapter is not None:
-        from .adapt import load_adapter
-
         adapted_by = load_adapter(adapter)
     spec = requested_spec(backbone, pooling, input_size, weights, previous or in_progress,
                            adapted_by.record if adapted_by else None)
@@ -136,20 +134,12 @@ def extract_features(
     log.info("%d images under %s: %d known, %d to embed", len(scan), root, reused, len(todo))
 
     if todo:
-        from .backbones import build_backbone
-
-        model = build_backbone(spec["backbone"], pooling=spec["pooling"], input_size=spec["input_size"],
-                               weights=spec["weights_arg"])
-        if adapted_by is not None:
-            from .adapt import AdaptedBackbone
-
-            model = AdaptedBackbone(model, adapted_by)
+        model = build_model(spec["backbone"], pooling=spec["pooling"], input_size=spec["input_size"],
+                            weights=spec["weights_arg"], adapter=adapted_by)
         config = model.config
         if previous is not None and previous["config"] != config:
             raise mismatch_error(files, previous["config"], config)
         if engine == "ray":
-            from .ray_engine import RayRunner
-
             write_json(files.shards / "config.json", config_of(config))
             runner = RayRunner({**spec, "input_size": model.input_size}, files.shards, dim=int(config["dim"]),
                                adapter=None if adapter is None else str(Path(adapter).resolve()), address=address,
@@ -181,33 +171,6 @@ def extract_features(
     library.stats = stats
     library.catalog()  # the photos' facts for browsing, kept in step with the vectors
     return library
-
-
-def model_for(meta: dict):
-    """The model that embedded a library (backbone, settings and adapter from its sidecar), built once per process."""
-    from .backbones import build_backbone
-
-    cfg = meta.get("config")
-    if cfg is None:
-        raise FeaturesError("the features file has no sidecar, so new images cannot be embedded the same way; "
-                            "re-create it with `similar-finder extract`")
-    model = build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=int(cfg["input_size"]),
-                           weights=weights_argument(cfg["weights"]))
-    if cfg.get("adapter"):
-        from .adapt import AdaptedBackbone, adapter_for
-
-        model = AdaptedBackbone(model, adapter_for(cfg["adapter"]))
-    return model
-
-
-def embed_file(file: str | os.PathLike, meta: dict) -> np.ndarray:
-    """Embed one image exactly as the library was embedded (backbone and settings from ``meta``)."""
-    from .store import require_file
-
-    path = require_file(file)
-    model = model_for(meta)
-    pixels, _ = load_image(path, int(meta["config"]["input_size"]))
-    return model.embed(pixels[None])[0]
 
 
 def load_features(csv: str | os.PathLike = DEFAULT_FEATURES) -> tuple[list[str], np.ndarray, dict]:

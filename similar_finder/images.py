@@ -1,19 +1,23 @@
 """Decode any photo file into a fixed-size RGB array, saying what had to be fixed.
 
-``load_image(path, size)`` is the only entry point. It never lets a bad file
+``load_image(path, size)`` is the entry point. It never lets a bad file
 escape as a raw PIL traceback: it raises :class:`ImageError` with a short,
 specific reason (truncated, not an image, decompression bomb, ...), which the
-extraction step turns into one ``skipped`` line.
+extraction step turns into one ``skipped`` line. :func:`scan_images` lists the
+photos of a folder, and :func:`class_of` tells a photo's class by the one rule
+the project has: its first folder.
 """
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import SimilarFinderError
+from .errors import SimilarFinderError, UsageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # PIL's own limit (about 89 megapixels) is the threshold at which it only warns;
@@ -27,6 +31,42 @@ class ImageError(SimilarFinderError, ValueError):
 
 def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def scan_images(images_dir: str | os.PathLike) -> pd.DataFrame:
+    """List image files under ``images_dir`` recursively: path (relative), size, mtime_ns."""
+    root = Path(images_dir)
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith(".") or not is_image_file(name):
+                continue
+            full = Path(dirpath) / name
+            stat = full.stat()
+            rows.append((full.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+    frame = pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
+    return frame.sort_values("path", ignore_index=True)
+
+
+def class_of(path: str) -> str:
+    """The class of a photo: its first folder under the images root ("" for a photo at the top)."""
+    parts = Path(path).parts
+    return parts[0] if len(parts) > 1 else ""
+
+
+def labels_from_paths(paths, *, required: bool = False) -> np.ndarray | None:
+    """The class of each image (:func:`class_of`).
+
+    None when the photos do not sit in two or more class folders, or an error
+    saying so with ``required=True``.
+    """
+    labels = np.array([class_of(p) for p in paths])
+    if len(labels) == 0 or (labels == "").any() or len(set(labels)) < 2:
+        if required:
+            raise UsageError("this needs a folder with one subfolder per class (at least two classes)")
+        return None
+    return labels
 
 
 def load_image(source: str | Path | bytes, size: int) -> tuple[np.ndarray, list[str]]:

@@ -2,8 +2,7 @@
 
 A photo is known by the SHA-256 of its content (its size and mtime only decide
 when to hash it again), so only new or changed photos are embedded, renamed or
-moved ones are not, and deleted ones drop out. :func:`scan_images` lists a
-folder; :func:`load_previous` opens the store a run updates; :class:`KnownResults`
+moved ones are not, and deleted ones drop out. :func:`load_previous` opens the store a run updates; :class:`KnownResults`
 gathers every result already computed — by the last run, by the checkpoints of
 an interrupted one (``features.partial/``, written by :class:`CheckpointWriter`,
 or Ray's ``features.shards/``), by this run — and turns them into the audit and
@@ -12,7 +11,6 @@ the matrix. Nothing here computes a vector: that is the engines' work
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -22,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_write, read_json, write_json
-from .images import is_image_file
-from .store import AUDIT_COLUMNS, FORMAT_VERSION, FeatureFiles, FeaturesError, config_of, read_store
+from ._io import atomic_write, file_sha256, read_json, write_json
+from .backbones import requested_config, weights_value
+from .store import AUDIT_COLUMNS, FORMAT_VERSION, FeatureFiles, FeaturesError, config_of, read_store, read_vectors
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +30,6 @@ log = logging.getLogger(__name__)
 def default_workers() -> int:
     """Threads for decoding and hashing: I/O and PIL release the GIL, so twice the cores."""
     return min(8, 2 * (os.cpu_count() or 1))
-
-
-def scan_images(images_dir: str | os.PathLike) -> pd.DataFrame:
-    """List image files under ``images_dir`` recursively: path (relative), size, mtime_ns."""
-    root = Path(images_dir)
-    rows = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or not is_image_file(name):
-                continue
-            full = Path(dirpath) / name
-            stat = full.stat()
-            rows.append((full.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
-    frame = pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
-    return frame.sort_values("path", ignore_index=True)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def requested_spec(backbone, pooling, input_size, weights, previous, adapter=None) -> dict:
@@ -66,13 +43,11 @@ def requested_spec(backbone, pooling, input_size, weights, previous, adapter=Non
     if backbone is None and previous is not None:
         cfg = previous["config"]
         return {"backbone": cfg["backbone"], "pooling": cfg["pooling"],
-                "input_size": int(cfg["input_size"]), "weights_arg": weights_argument(cfg["weights"])}
+                "input_size": int(cfg["input_size"]), "weights_arg": weights_value(cfg["weights"])}
     weights_arg = str(weights) if isinstance(weights, os.PathLike) else weights
     spec = {"backbone": backbone, "pooling": pooling, "input_size": None if input_size is None else int(input_size),
             "weights_arg": weights_arg}
     if previous is not None and backbone is not None:
-        from .backbones import requested_config
-
         # Names normalised, ensembles "+"-joined, None filled in with the backbone's native size and pooling.
         wanted = requested_config(backbone, pooling, input_size, weights_arg)
         held = {k: previous["config"].get(k) for k in wanted}
@@ -82,11 +57,6 @@ def requested_spec(backbone, pooling, input_size, weights, previous, adapter=Non
                 return {**spec, "discard_partial": True}
             raise mismatch_error(previous["files"], held, wanted)
     return spec
-
-
-def weights_argument(source: str) -> str | None:
-    """The ``weights=`` argument that rebuilds a backbone whose recorded weights are ``source``."""
-    return None if source == "random" else source
 
 
 def mismatch_error(files: FeatureFiles, held: dict, wanted: dict) -> FeaturesError:
@@ -160,8 +130,6 @@ class KnownResults:
 
     def add_shards(self, folder: Path, dim: int, spec: dict | None = None):
         """Results from the Parquet shards of a Ray run (this one, or one that was killed), by content hash."""
-        from .store import read_vectors
-
         if (spec or {}).get("discard_partial"):
             shutil.rmtree(folder, ignore_errors=True)
             return

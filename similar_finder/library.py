@@ -18,40 +18,23 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pandas as pd
 
-from ._io import DEFAULT_FEATURES, atomic_write, read_json, write_json
-from .errors import UsageError
-from .images import ImageError
-from .kinds import get_kind
-from .reduce import DEFAULT_COMPONENTS
+from ._io import DEFAULT_FEATURES, atomic_write, file_sha256, read_json, write_json
+from .catalog import Catalog, update_catalog
+from .embedding import embed_file
+from .images import ImageError, labels_from_paths
+from .kinds import describe, describe_many, get_kind
+from .reduce import DEFAULT_COMPONENTS, fit_pca
 from .store import FeatureFiles, FeaturesError, StoredFeatures, find_in_library, read_store, require_file
+from .thresholds import Calibration
 
 log = logging.getLogger(__name__)
-
-
-def class_of(path: str) -> str:
-    """The class of a photo: its first folder under the images root ("" for a photo at the top)."""
-    parts = Path(path).parts
-    return parts[0] if len(parts) > 1 else ""
-
-
-def labels_from_paths(paths, *, required: bool = False) -> np.ndarray | None:
-    """The class of each image (:func:`class_of`).
-
-    None when the photos do not sit in two or more class folders, or an error
-    saying so with ``required=True``.
-    """
-    labels = np.array([class_of(p) for p in paths])
-    if len(labels) == 0 or (labels == "").any() or len(set(labels)) < 2:
-        if required:
-            raise UsageError("this needs a folder with one subfolder per class (at least two classes)")
-        return None
-    return labels
 
 
 def pca_project(pca, vectors: np.ndarray) -> np.ndarray:
@@ -117,8 +100,6 @@ class Library:
 
     def pca(self, n_components: int = DEFAULT_COMPONENTS):
         """The PCA fitted on this library's CNN features (``variance_kept_`` says how much is kept)."""
-        from .reduce import fit_pca
-
         key = f"pca{n_components}"
         if key not in self.models:
             self.models[key] = self.cached(key, lambda: fit_pca(self.matrix, n_components))
@@ -154,10 +135,6 @@ class Library:
 
     def catalog(self):
         """The photos' facts in SQLite (:class:`~similar_finder.catalog.Catalog`), written now if missing or stale."""
-        import sqlite3
-
-        from .catalog import Catalog, update_catalog
-
         catalog = Catalog(self.files.catalog)
         try:
             fresh = catalog.path.is_file() and catalog.fingerprint == self.fingerprint
@@ -173,13 +150,9 @@ class Library:
             known = dict(zip(self.audit["path"], self.audit["sha256"]))
             if all(known.get(p) for p in self.paths):
                 return [known[p] for p in self.paths]
-        from .features import file_sha256
-
         return [file_sha256(self.root / p) for p in self.paths]
 
     def _per_photo(self, kinds) -> dict[str, np.ndarray]:
-        from .descriptors import describe_many
-
         shas = self.shas()
         caches = {}
         for kind in kinds:
@@ -208,11 +181,7 @@ class Library:
     def describer(self, kind: str = "cnn"):
         """``describe(file) -> vector``: a new photo described as the library's ``kind`` vectors are."""
         if get_kind(kind).from_pixels is not None:
-            from .descriptors import describe
-
             return lambda file: describe(require_file(file), kind)
-        from .features import embed_file
-
         if kind == "pca":
             pca = self.pca()
             return lambda file: pca_project(pca, embed_file(file, self.meta)[None])[0]
@@ -246,8 +215,8 @@ class Library:
                                     f"again (run-all does)") from exc
         return self.meta.get("thresholds", {})  # where version 0.1 kept them
 
-    def threshold_for(self, kind: str, metric: str, center: bool) -> dict | None:
-        """The calibration stored for this kind, metric and centring, if it was made on this very library."""
+    def threshold_for(self, kind: str, metric: str, center: bool) -> Calibration | None:
+        """The :class:`Calibration` stored for this kind, metric and centring, if made on this very library."""
         stored = self.thresholds.get(f"{kind}/{metric}")
         if stored is None or stored.get("center", True) != center:
             return None
@@ -255,13 +224,17 @@ class Library:
             log.info("the %s threshold was calibrated on an earlier version of %s; using the unlabelled rule "
                      "until it is calibrated again", kind, self.files.csv.name)
             return None
-        return stored
+        return Calibration.from_dict(stored)
 
-    def save_threshold(self, calibration: dict, kind: str = "cnn") -> None:
-        """Store a calibrated threshold; recommenders over this library then use it by default."""
+    def save_threshold(self, calibration: Calibration | dict, kind: str = "cnn") -> None:
+        """Store a calibration (or its record); recommenders over this library then use it by default."""
+        if not isinstance(calibration, Calibration):
+            calibration = Calibration.from_dict(calibration)
+        if calibration.metric is None:
+            raise UsageError("a calibration to store must say its metric (it is stored by kind and metric)")
         held = self.thresholds
-        held[f"{kind}/{calibration['metric']}"] = {**calibration, "features": kind,
-                                                    "fingerprint": self.fingerprint}
+        held[f"{kind}/{calibration.metric}"] = {**calibration.to_dict(), "features": kind,
+                                                "fingerprint": self.fingerprint}
         write_json(self.files.thresholds, held)
 
 

@@ -4,7 +4,7 @@ Every function returns a ``matplotlib.figure.Figure`` (shown inline in a
 notebook) and :func:`save_figure` writes one atomically:
 ``recommendation_grid`` (a query and its results), ``image_rows`` (rows of
 thumbnails, e.g. one per cluster), ``tsne_map`` (the library's
-feature space in 2-D, from ``tsne_embedding`` or ``umap_embedding``), ``silhouette_curve`` (silhouette against k) and
+feature space in 2-D, from :func:`~similar_finder.reduce.tsne_embedding` or ``umap_embedding``), ``silhouette_curve`` (silhouette against k) and
 ``distance_histogram`` (nearest-neighbour distances with the threshold),
 ``threshold_tradeoff`` (what a labelled threshold trades), ``contact_sheet``
 (a library's photos, a row per class) and ``score_bars`` (a comparison table as bars).
@@ -19,8 +19,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ._io import atomic_write
-from .errors import UsageError
-from .images import ImageError, load_image
+from .images import ImageError, class_of, load_image
+from .neighbors import sample_rows
+from .thresholds import NO_RESULTS
 
 THUMB = 160  # pixels of a thumbnail in a grid
 
@@ -49,9 +50,6 @@ def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_
     its class folder and frames it green or red against ``query_label``. An
     empty ``results`` draws a clear "No similar images found" panel.
     """
-    from .library import class_of
-    from .recommender import NO_RESULTS
-
     if classes and "label" not in results:
         results = results.assign(label=[class_of(p) for p in results["path"]])
     n = max(len(results), 3)  # an empty answer still gets room for its message
@@ -100,33 +98,6 @@ def image_rows(rows: dict[str, list[str]], images_root: str | os.PathLike, *, pe
     return fig
 
 
-def tsne_embedding(matrix: np.ndarray, *, random_state: int = 0) -> np.ndarray:
-    """2-D t-SNE of the (unit-normalised) features, perplexity adapted to the library's size."""
-    from sklearn.manifold import TSNE
-
-    from .neighbors import l2_normalize
-
-    n = len(matrix)
-    if n < 5:
-        raise UsageError(f"t-SNE needs at least 5 images, got {n}")
-    perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
-    tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=random_state, metric="cosine")
-    return tsne.fit_transform(l2_normalize(matrix))
-
-
-def umap_embedding(matrix: np.ndarray, *, random_state: int = 0) -> np.ndarray:
-    """2-D UMAP of the (unit-normalised) features (``umap-learn``), an alternative view to t-SNE."""
-    import umap
-
-    from .neighbors import l2_normalize
-
-    n = len(matrix)
-    if n < 5:
-        raise UsageError(f"UMAP needs at least 5 images, got {n}")
-    reducer = umap.UMAP(n_neighbors=min(15, n - 1), metric="cosine", random_state=random_state, n_jobs=1)
-    return reducer.fit_transform(l2_normalize(matrix))
-
-
 def tsne_map(points: np.ndarray, colours: dict[str, np.ndarray], *, paths=None,
              images_root: str | os.PathLike | None = None, thumbnails: int = 0, title: str = "",
              method: str = "t-SNE") -> Figure:
@@ -147,8 +118,6 @@ def tsne_map(points: np.ndarray, colours: dict[str, np.ndarray], *, paths=None,
             ax.scatter(points[mask, 0], points[mask, 1], s=14, label=str(value),
                        color=_palette(cmap, i), alpha=0.8)
         if thumbnails and paths is not None and images_root is not None:
-            from .neighbors import sample_rows
-
             chosen = sample_rows(len(points), thumbnails, even=True)
             for i in chosen:
                 box = OffsetImage(_thumbnail(Path(images_root) / paths[i], 40), zoom=0.6)

@@ -60,8 +60,3 @@ def write_projector(library=DEFAULT_FEATURES, out: str | Path | None = None) -> 
         handle.write(config)
     return out
 
-
-if __name__ == "__main__":
-    from .cli import main_for
-
-    raise SystemExit(main_for("projector"))

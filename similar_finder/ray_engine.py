@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ._quiet import native_stderr_filtered
+from .embedding import build_model
 from .engines import decode_file, embed_padded
 from .errors import SimilarFinderError, check_positive
 from .store import write_vectors
@@ -69,14 +70,8 @@ class Embedder:
     """A Ray Data actor: builds the backbone once, embeds batches, writes each batch as a shard."""
 
     def __init__(self, spec: dict, adapter: str | None, shards: str, batch_size: int):
-        from .backbones import build_backbone
-
-        model = build_backbone(spec["backbone"], pooling=spec["pooling"], input_size=spec["input_size"],
-                               weights=spec["weights_arg"])
-        if adapter is not None:
-            from .adapt import AdaptedBackbone, load_adapter
-
-            model = AdaptedBackbone(model, load_adapter(adapter))
+        model = build_model(spec["backbone"], pooling=spec["pooling"], input_size=spec["input_size"],
+                            weights=spec["weights_arg"], adapter=adapter)
         self.model, self.shards, self.batch_size = model, Path(shards), batch_size
 
     def __call__(self, batch: dict) -> dict:

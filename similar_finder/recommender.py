@@ -14,13 +14,19 @@ grids, evaluation and the app treat both approaches alike:
 * ``kneighbors(queries=None, n, rows=None)`` – ``(distances, indices)``,
   ``queries=None`` meaning the library's own rows, each without itself;
 * ``search(...)`` – the same plus each query's gate score (None where there is no gate);
-* ``answer(distances, indices, gate_score)`` – one query's neighbours under
-  the threshold, or none if the gate refuses it, as a DataFrame;
+* ``answer(distances, indices, gate_score)`` – one query's neighbours that its
+  calibration keeps, as a DataFrame;
 * ``recommend(file, n_sample)`` – all of it for an image file.
 
+Both are scikit-learn estimators: ``__init__`` stores its parameters, ``fit``
+checks them and builds what they imply, and what ``fit`` makes ends in ``_``
+(``calibration_``, ``neighbors_``, ``library_``, ...).
+
 Whether anything is similar at all is decided by the *gate* (the uncentred
-distance to the library's nearest photos, see :mod:`.thresholds`); which
-neighbours count, by the *threshold* on the ranking distance.
+distance to the library's nearest photos); which neighbours count, by the
+*threshold* on the ranking distance. Both live in the fitted ``calibration_``,
+a :class:`~similar_finder.thresholds.Calibration`, whose ``keep`` is the one
+place that decides (see :mod:`.thresholds`).
 
 Besides CNN features (``kind="cnn"``, cosine), the same recommender works on
 any kind of :mod:`.kinds`: PCA-reduced CNN features, colour histograms
@@ -32,24 +38,38 @@ import logging
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from ._io import DEFAULT_FEATURES
 from .errors import UsageError, check_choice, check_positive
 from .kinds import get_kind
 from .library import Library, as_library
 from .neighbors import IVF_ABOVE, METRICS, PQ_ABOVE, PQ_BYTES, Neighbors, as_matrix, own_rows
-from .thresholds import calibrate_threshold
+from .thresholds import NO_RESULTS, Calibration, calibrate_threshold, choose_calibration
 
 log = logging.getLogger(__name__)
-NO_RESULTS = "No similar images found"
+__all__ = ["NO_RESULTS", "Approach", "Recommender", "recommend"]  # NO_RESULTS: its home is .thresholds
 
 
-class Approach:
-    """What both approaches share: a fitted library, a threshold, and one answer shape."""
+class Approach(BaseEstimator):
+    """What both approaches share: a fitted library, a calibration, and one answer shape.
+
+    ``calibration_`` (set by ``fit``) decides every answer; ``threshold_`` and
+    ``gate_`` read it.
+    """
 
     approach = "approach"
-    threshold_: float = np.inf
-    gate_: float = np.inf
+
+    @property
+    def threshold_(self) -> float:
+        check_is_fitted(self, "calibration_")
+        return self.calibration_.threshold
+
+    @property
+    def gate_(self) -> float:
+        check_is_fitted(self, "calibration_")
+        return self.calibration_.gate
 
     def _fit_library(self, features, paths, kind):
         """The matrix to search and, when known, the library it came from."""
@@ -67,32 +87,35 @@ class Approach:
         return (*self.kneighbors(queries, n_neighbors, rows=rows), None)
 
     def answer(self, distances: np.ndarray, indices: np.ndarray, gate_score: float | None = None, *,
-               threshold: float | None = None) -> pd.DataFrame:
-        """One query's results under the threshold, closest first: ``path``, ``distance``.
+               threshold: float | None = None, gate: float | None = None) -> pd.DataFrame:
+        """One query's results that the calibration keeps, closest first: ``path``, ``distance``.
 
-        Empty when the query's ``gate_score`` is not under the gate. An explicit
-        ``threshold`` replaces both: only that distance limit applies.
+        An explicit ``threshold`` or ``gate`` (``np.inf``: off) replaces that one
+        number for this answer only (see :meth:`Calibration.overridden`).
         """
-        limit = self.threshold_ if threshold is None else float(threshold)
+        check_is_fitted(self, "calibration_")
         distances, indices = np.asarray(distances).ravel(), np.asarray(indices).ravel()
-        refused = threshold is None and gate_score is not None and not gate_score < self.gate_
-        keep = (distances < limit) & (indices >= 0) & (not refused)
+        keep = self.calibration_.overridden(threshold=threshold, gate=gate).keep(distances, indices, gate_score)
         return self._frame(distances[keep], indices[keep])
 
     def _frame(self, distances: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
         return pd.DataFrame({"path": [self.paths_[i] for i in rows], "distance": distances.astype(float)})
 
-    def recommend(self, file, n_sample: int = 4, threshold: float | None = None) -> pd.DataFrame:
-        """The library images closest to ``file`` and under the threshold."""
+    def recommend(self, file, n_sample: int = 4, threshold: float | None = None, *,
+                  gate: float | None = None) -> pd.DataFrame:
+        """The library images closest to ``file`` that the calibration keeps (``threshold``/``gate``: see
+        :meth:`answer`)."""
         check_positive("n_sample", n_sample)
+        check_is_fitted(self, "library_")
         if self.library_ is None:
             raise UsageError("this recommender was fitted on a bare matrix; fit it on a Library to query files")
-        vector, own_row = self.library_.query(file, self.kind)
+        vector, own_row = self.library_.query(file, self.kind_)
         if own_row is None:
             distances, indices, gates = self.search(vector, n_sample)
         else:
             distances, indices, gates = self.search(None, n_sample, rows=[own_row])
-        result = self.answer(distances[0], indices[0], None if gates is None else gates[0], threshold=threshold)
+        result = self.answer(distances[0], indices[0], None if gates is None else gates[0],
+                             threshold=threshold, gate=gate)
         if result.empty:
             log.info("%s: %s", file, NO_RESULTS)
         return result
@@ -109,8 +132,10 @@ class Recommender(Approach):
 
     ``threshold=None`` and ``gate=None`` use the values calibrated for the
     library (:meth:`calibrate`, stored with :meth:`Library.save_threshold`),
-    else the unlabelled rule of :func:`~similar_finder.thresholds.calibrate_threshold`;
-    ``gate=np.inf`` turns the gate off.
+    else the unlabelled rule of :func:`~similar_finder.thresholds.calibrate_threshold`.
+    Each is independent of the other: an explicit ``threshold`` changes only
+    the distance limit, an explicit ``gate`` only the gate (``gate=np.inf``
+    turns it off). ``metric=None`` is the kind's own metric (``metric_`` after fit).
     ``index="auto"`` (default) searches by brute force up to ``ivf_above``
     images (200k), with a FAISS IVF-Flat index up to ``pq_above`` (2M) and an
     IVF-PQ index beyond (see :class:`~similar_finder.neighbors.Neighbors`;
@@ -134,15 +159,11 @@ class Recommender(Approach):
                  kind: str = "cnn", center: bool = True, index: str = "auto", nprobe: int = 16,
                  query_expansion: int = 0, alpha: float = 3.0, ivf_above: int = IVF_ABOVE,
                  pq_above: int = PQ_ABOVE, pq_bytes: int = PQ_BYTES):
-        self.kind = get_kind(kind).name
-        self.metric = check_choice("metric", metric or get_kind(kind).metric, METRICS)
-        self.threshold, self.gate, self.center, self.index, self.nprobe = threshold, gate, center, index, nprobe
-        if query_expansion and self.metric != "cosine":
-            raise UsageError("query expansion averages directions: it needs the cosine metric")
-        self.query_expansion, self.alpha = int(query_expansion), float(alpha)
+        # Parameters only (scikit-learn's rule): a value set after construction reaches the next fit.
+        self.metric, self.threshold, self.gate, self.kind = metric, threshold, gate, kind
+        self.center, self.index, self.nprobe = center, index, nprobe
+        self.query_expansion, self.alpha = query_expansion, alpha
         self.ivf_above, self.pq_above, self.pq_bytes = ivf_above, pq_above, pq_bytes
-        self.neighbors = Neighbors(self.metric, center=center, index=index, nprobe=nprobe, ivf_above=ivf_above,
-                                   pq_above=pq_above, pq_bytes=pq_bytes)
 
     @classmethod
     def from_library(cls, library=DEFAULT_FEATURES, kind: str = "cnn", metric: str | None = None,
@@ -150,66 +171,91 @@ class Recommender(Approach):
         """A recommender over a feature library (a Library or its CSV), on any feature kind."""
         return cls(metric, kind=kind, **kwargs).fit(as_library(library))
 
-    def fit(self, features, paths=None) -> "Recommender":
-        """Hold the library: a :class:`Library`, or a matrix (images x dimensions) with optional paths."""
-        matrix = self._fit_library(features, paths, self.kind)
-        self.neighbors.fit(matrix, index_file=self.index_file(len(matrix)),
-                           fingerprint=None if self.library_ is None else self.library_.fingerprint)
+    def fit(self, X, paths=None) -> "Recommender":
+        """Hold the library ``X``: a :class:`Library`, or a matrix (images x dimensions) with optional paths.
+
+        Checks the parameters, builds the search (``neighbors_``) and chooses the
+        calibration (``calibration_``: see :func:`~similar_finder.thresholds.choose_calibration`).
+        """
+        self.kind_ = get_kind(self.kind).name
+        self.metric_ = check_choice("metric", self.metric or get_kind(self.kind_).metric, METRICS)
+        self.query_expansion_ = int(self.query_expansion)
+        if self.query_expansion_ and self.metric_ != "cosine":
+            raise UsageError("query expansion averages directions: it needs the cosine metric "
+                             f"(this recommender has metric {self.metric_!r}); set query_expansion=0")
+        matrix = self._fit_library(X, paths, self.kind_)
+        self.neighbors_ = self._neighbors()
+        self.neighbors_.fit(matrix, index_file=self.index_file(len(matrix)),
+                            fingerprint=None if self.library_ is None else self.library_.fingerprint)
         self.raw_ = matrix
-        self.threshold_, self.gate_ = self._resolve_threshold()
+        self.calibration_ = self._choose_calibration()
         return self
+
+    def _neighbors(self) -> Neighbors:
+        return Neighbors(self.metric_, center=self.center, index=self.index, nprobe=self.nprobe,
+                         ivf_above=self.ivf_above, pq_above=self.pq_above, pq_bytes=self.pq_bytes)
 
     def index_file(self, n: int | None = None):
         """Where the trained index of this recommender's library is kept (None: a bare matrix, or brute force)."""
+        check_is_fitted(self, "library_")
         if self.library_ is None:
             return None
-        kind = self.neighbors.index_for(len(self.library_) if n is None else n)
+        neighbors = getattr(self, "neighbors_", None) or self._neighbors()
+        kind = neighbors.index_for(len(self.library_) if n is None else n)
         if kind in ("brute", "flat"):
             return None
-        if self.kind == "cnn" and self.metric == "cosine" and self.center:
+        centred = bool(self.center) and self.metric_ == "cosine"
+        if self.kind_ == "cnn" and centred:
             return self.library_.files.index()
-        centring = "centred" if self.center and self.metric == "cosine" else "plain"
-        return self.library_.files.index(f"{self.kind}-{self.metric}-{centring}-{kind}")
+        return self.library_.files.index(f"{self.kind_}-{self.metric_}-{'centred' if centred else 'plain'}-{kind}")
 
-    def _resolve_threshold(self) -> tuple[float, float]:
-        if self.threshold is not None and self.gate is not None:
-            return float(self.threshold), float(self.gate)
-        calibration = None
+    def _choose_calibration(self) -> Calibration:
+        stored = None
         if self.library_ is not None:
-            calibration = self.library_.threshold_for(self.kind, self.metric, self.center)
-        if (calibration is None or "gate" not in calibration) and len(self.raw_) >= 3:
-            calibration = {**calibrate_threshold(self.raw_, neighbors=self.neighbors), **(calibration or {})}
-        calibration = calibration or {"value": np.inf, "gate": np.inf}
-        return (float(calibration["value"] if self.threshold is None else self.threshold),
-                float(calibration.get("gate", np.inf) if self.gate is None else self.gate))
+            stored = self.library_.threshold_for(self.kind_, self.metric_, self.center)
+
+        def unlabelled():
+            if len(self.raw_) < 3:
+                return None
+            return Calibration.from_dict(calibrate_threshold(self.raw_, neighbors=self.neighbors_))
+
+        return choose_calibration(threshold=self.threshold, gate=self.gate, stored=stored, unlabelled=unlabelled,
+                                  metric=self.metric_, center=self.neighbors_.center)
 
     def calibrate(self, labels=None, *, save: bool = True) -> dict:
-        """Calibrate the threshold on this recommender's library (see :func:`calibrate_threshold`).
+        """Calibrate the threshold and the gate on this recommender's library (see :func:`calibrate_threshold`).
 
-        The result becomes ``threshold_`` and, with ``save``, the library's stored default.
+        The result replaces ``calibration_`` (both numbers, explicit ones too)
+        and, with ``save``, becomes the library's stored default. Returns the
+        calibration's full record (with the trade-off curve when labelled).
         """
-        calibration = calibrate_threshold(self.raw_, labels, neighbors=self.neighbors)
-        self.threshold_, self.gate_ = calibration["value"], calibration["gate"]
+        check_is_fitted(self, "calibration_")
+        record = calibrate_threshold(self.raw_, labels, neighbors=self.neighbors_)
+        self.calibration_ = Calibration.from_dict(record)
         if save and self.library_ is not None:
-            self.library_.save_threshold(calibration, self.kind)
-        return calibration
+            self.library_.save_threshold(self.calibration_, self.kind_)
+        return record
 
     def distances(self, queries: np.ndarray) -> np.ndarray:
         """Distance of each raw query vector to every library vector."""
-        return self.neighbors.distances(queries)
+        check_is_fitted(self, "neighbors_")
+        return self.neighbors_.distances(queries)
 
     def kneighbors(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
         """``(distances, indices)``, closest first; ``queries=None``: the library's ``rows``, without themselves.
 
-        No threshold is applied here (see :meth:`answer`).
+        Nothing is refused here (see :meth:`answer`).
         """
-        return self.neighbors.kneighbors(queries, n_neighbors, rows=rows)
+        check_is_fitted(self, "neighbors_")
+        return self.neighbors_.kneighbors(queries, n_neighbors, rows=rows)
 
     def search(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
         """``(distances, indices, gate_scores)``: :meth:`kneighbors` and how far each query is from the library."""
-        distances, indices, gates = self.neighbors.search(queries, max(n_neighbors, self.query_expansion), rows=rows)
-        if self.query_expansion:
-            first = distances[:, :self.query_expansion], indices[:, :self.query_expansion]
+        check_is_fitted(self, "neighbors_")
+        distances, indices, gates = self.neighbors_.search(queries, max(n_neighbors, self.query_expansion_),
+                                                           rows=rows)
+        if self.query_expansion_:
+            first = distances[:, :self.query_expansion_], indices[:, :self.query_expansion_]
             return (*self._expanded(queries, first, n_neighbors, rows), gates)
         return distances[:, :n_neighbors], indices[:, :n_neighbors], gates
 
@@ -217,17 +263,17 @@ class Recommender(Approach):
         """Alpha query expansion: search again with the query averaged with its nearest photos (``first``)."""
         first_d, first_i = first
         own = queries is None
-        start = self.neighbors.transform(self.raw_[own_rows(len(self.raw_), rows)] if own else queries)
-        if self.neighbors.library_ is not None:
-            found = self.neighbors.library_[first_i]
+        start = self.neighbors_.transform(self.raw_[own_rows(len(self.raw_), rows)] if own else queries)
+        if self.neighbors_.library_ is not None:
+            found = self.neighbors_.library_[first_i]
         else:  # behind a FAISS index: transform only the rows used (-1 pads weigh 0: infinite distance)
-            found = self.neighbors.transform(self.raw_[first_i.ravel()]).reshape(*first_i.shape, -1)
+            found = self.neighbors_.transform(self.raw_[first_i.ravel()]).reshape(*first_i.shape, -1)
         weights = np.clip(1.0 - first_d, 0.0, None) ** self.alpha
         expanded = start + np.einsum("qn,qnd->qd", weights, found)
         # A raw vector whose transform is the expanded direction: the library mean plus that direction.
-        mean = self.neighbors.mean_ if self.neighbors.mean_ is not None else 0.0
+        mean = self.neighbors_.mean_ if self.neighbors_.mean_ is not None else 0.0
         raw = mean + expanded / np.linalg.norm(expanded, axis=1, keepdims=True)
-        distances, indices = self.neighbors.kneighbors(raw, n_neighbors + int(own))
+        distances, indices = self.neighbors_.kneighbors(raw, n_neighbors + int(own))
         if own:  # the library photo itself is not its own answer
             rows = own_rows(len(self.raw_), rows)
             keep = indices != rows[:, None]
@@ -239,21 +285,24 @@ class Recommender(Approach):
 
 
 def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: str | None = None, *,
-              kind: str = "cnn", library=DEFAULT_FEATURES, expand: bool = False) -> pd.DataFrame:
-    """The ``n_sample`` most similar library images to ``file``, closest first, under the threshold.
+              gate: float | None = None, kind: str = "cnn", library=DEFAULT_FEATURES,
+              expand: bool = False) -> pd.DataFrame:
+    """The ``n_sample`` most similar library images to ``file``, closest first, that pass gate and threshold.
 
     Returns a DataFrame with ``path`` (relative to the images folder) and
     ``distance``; an empty one means "No similar images found". ``kind`` picks
     what is compared: ``"cnn"`` (default), ``"pca"``, ``"color"``, ``"ahash"``,
     ``"dhash"``, ``"phash"`` or ``"pixels"``; ``metric=None`` uses that kind's
     metric. ``library`` is a :class:`Library` or the feature CSV of the photos
-    to search. ``threshold=None`` uses the threshold calibrated for this
-    library, else the unlabelled rule. ``expand=True`` re-ranks by query
-    expansion (see :class:`Recommender`).
+    to search. ``threshold=None`` and ``gate=None`` use the values calibrated
+    for this library, else the unlabelled rule; an explicit ``threshold``
+    changes only the distance limit (0 refuses every neighbour), an explicit
+    ``gate`` only the gate (``np.inf``: off). ``expand=True`` re-ranks by
+    query expansion (see :class:`Recommender`).
     """
     library = as_library(library)
     model = _recommender_for(library, kind, metric, QUERY_EXPANSION if expand else 0)
-    return model.recommend(file, n_sample, threshold)
+    return model.recommend(file, n_sample, threshold, gate=gate)
 
 
 QUERY_EXPANSION = 5  # neighbours averaged into the query by recommend(expand=True)

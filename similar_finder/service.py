@@ -29,7 +29,13 @@ from PIL import Image, ImageOps
 from ._io import atomic_write
 from .errors import MissingError, SimilarFinderError, UsageError, check_choice
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
+from .clustering import DEFAULT_K_RANGE, ClusterRecommender, KMeansBaseline, clip_k_range
+from .descriptors import DUPLICATE_BITS, duplicate_groups
+from .features import extract_features
 from .library import Library
+from .neighbors import sample_rows
+from .recommender import Recommender, _recommender_for
+from .reduce import tsne_embedding, umap_embedding
 from .recommender import NO_RESULTS
 
 log = logging.getLogger(__name__)
@@ -41,7 +47,6 @@ APPROACHES = {
     "duplicates": "near-duplicates (perceptual hash)",
 }
 APP_IVF_ABOVE = 50_000  # the app's cosine search uses an IVF index from this many photos
-DUPLICATE_BITS = 6  # differing bits of 64 still called a copy, as `similar-finder duplicates`
 THUMB_SIZE = 256
 DISPLAY_SIZE = 1600  # large view of formats a browser cannot show (TIFF)
 MAP_MAX = 3_000  # t-SNE of more photos takes over a minute on two cores: an even sample then
@@ -223,9 +228,6 @@ class LibraryService:
         return self._once(self._approaches, name, lambda: _Batcher(self._fit(name)))
 
     def _fit(self, name: str):
-        from .clustering import ClusterRecommender
-        from .recommender import Recommender, _recommender_for
-
         library = self.library
         if name == "cosine":
             # An app answers several people at once: from APP_IVF_ABOVE photos an IVF index answers in a few
@@ -240,14 +242,12 @@ class LibraryService:
 
     def kmeans(self):
         """The K-Means baseline of this library: tuned once, cached by fingerprint, clusters in the catalog."""
-        from .clustering import KMeansBaseline, clip_k_range
-
         def fit():
             library, catalog = self.library, self.catalog
             if len(library) < 3:
                 raise UsageError("K-Means needs at least 3 photos")
             model = library.cached("kmeans-app", lambda: KMeansBaseline(
-                k_range=clip_k_range(range(2, 11), len(library))).fit(library))
+                k_range=clip_k_range(DEFAULT_K_RANGE, len(library))).fit(library))
             catalog.set_clusters(model.labels_, library.fingerprint)
             return model
 
@@ -275,7 +275,7 @@ class LibraryService:
         results = [{"image_id": row_of[rec["path"]], "path": rec["path"], "distance": round(float(rec["distance"]), 6),
                     **({"cluster": int(rec["cluster"])} if "cluster" in rec else {})}
                    for rec in frame.to_dict("records")]
-        refused = bool(gates is not None and not gates[0] < model.gate_)
+        refused = bool(gates is not None and not model.calibration_.admits(gates[0]))  # why it is empty
         return Answer(name, results, refused)
 
     def check_upload(self, data: bytes, filename: str = "upload") -> None:
@@ -305,8 +305,6 @@ class LibraryService:
 
         On any failure the file this call wrote is removed again: a photo is added whole or not at all.
         """
-        from .features import extract_features
-
         self.check_upload(data, filename)
         name = Path(filename).name
         stem, suffix = Path(name).stem, Path(name).suffix.lower()
@@ -358,9 +356,6 @@ class LibraryService:
                            for r, (x, y) in zip(rows, points)]}
 
     def _compute_map(self, method: str):
-        from .neighbors import sample_rows
-        from .plots import tsne_embedding, umap_embedding
-
         rows = sample_rows(len(self.library), MAP_MAX, even=True)
         if len(rows) < 5:
             raise UsageError(f"a map needs at least 5 photos, the library has {len(rows)}")
@@ -370,8 +365,6 @@ class LibraryService:
 
     def duplicates(self, max_distance: int = DUPLICATE_BITS) -> list[list[dict]]:
         """Groups of near-identical photos (perceptual hash), largest first."""
-        from .descriptors import duplicate_groups
-
         groups = self._once(self._derived, f"duplicates-{max_distance}", lambda: duplicate_groups(
             self.library.vectors("phash"), max_distance, self.library.paths))
         paths = self.library.paths

@@ -13,13 +13,30 @@ The statistics are pure functions of distances (:func:`tukey_fence`,
 :func:`youden_threshold`, :func:`answered_floor`, :func:`tradeoff_curve`);
 :func:`calibrate_threshold` gathers those distances from a
 :class:`~similar_finder.neighbors.Neighbors` and applies them.
+
+**Where an answer is refused.** Both numbers travel together in one
+:class:`Calibration`, with what they were made for and how they were chosen,
+and :meth:`Calibration.keep` is the only code that compares a query's
+distances and gate score with them: the recommender, the K-Means baseline,
+evaluation, the app and the reports all ask it. :func:`choose_calibration` is
+the one rule for *which* calibration an approach answers with (explicit values,
+else the library's stored ones, else the unlabelled rule).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, check_choice
 from .neighbors import Neighbors, sample_rows
+
+# What the user reads when nothing is similar enough: the CLI, the app, the grids and the logs.
+NO_RESULTS = "No similar images found"
+CHOSEN = ("labelled", "unlabelled", "explicit")
 
 CALIBRATION_QUERIES = 5_000  # above this many images, calibrate on a random sample of queries
 # A labelled threshold leaves at most 1 library photo in 10 unanswered: calibrated for 92%, a margin
@@ -133,3 +150,163 @@ def calibrate_threshold(features: np.ndarray, labels=None, metric: str = "cosine
     return {**best, "value": max(best["value"], floor), "youden": best["value"], "floor": floor,
             "method": "labelled-youden", "raised": bool(floor > best["value"]),
             "curve": tradeoff_curve(nearest, gate_ok, positives, negatives), **described}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """When to answer: the distance ``threshold``, the domain ``gate``, and where they came from.
+
+    ``metric`` and ``center`` say which distances they were made for; ``chosen``
+    how the threshold was chosen (``"labelled"``: Youden on classes,
+    ``"unlabelled"``: Tukey's fence, ``"explicit"``: given by the caller), and
+    ``gate_chosen`` the same for the gate (it is calibrated without labels even
+    in a labelled calibration). ``method`` is the stored name of the rule
+    (``"labelled-youden"``, ``"nn-tukey-fence"``), ``details`` the rest of the
+    calibration's record (its trade-off curve, rates, sizes, fingerprint), kept
+    so that :meth:`to_dict` writes back what :meth:`from_dict` read.
+
+    ``gate=np.inf`` is no gate. ``gate=None`` means not calibrated: files of
+    version 0.1 stored the threshold alone; :func:`choose_calibration`
+    completes such a calibration before anything is answered with it.
+    """
+
+    threshold: float
+    gate: float | None = math.inf
+    metric: str | None = None
+    center: bool | None = None
+    chosen: str = "explicit"
+    gate_chosen: str = "explicit"
+    method: str | None = None
+    details: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_choice("calibration choice", self.chosen, CHOSEN)
+        check_choice("gate choice", self.gate_chosen, CHOSEN)
+        if self.threshold is None or math.isnan(self.threshold):
+            raise UsageError("a calibration needs a threshold: a number (np.inf keeps every neighbour)")
+        if self.gate is not None and math.isnan(self.gate):
+            raise UsageError("the gate must be a number (np.inf turns the gate off), not NaN")
+        # Plain floats: numpy scalars would reach the JSON record and the reports' formatting as they are.
+        object.__setattr__(self, "threshold", float(self.threshold))
+        if self.gate is not None:
+            object.__setattr__(self, "gate", float(self.gate))
+
+    # --- the decision -------------------------------------------------------------------
+
+    def admits(self, gate_score) -> np.ndarray:
+        """Whether the gate lets each query through: its ``gate_score`` under the gate (always, with no gate).
+
+        Part of :meth:`keep`; asked on its own only to say *why* an answer is empty.
+        """
+        if self.gate is None:
+            raise UsageError("this calibration has no gate (stored by version 0.1): complete it with "
+                             "choose_calibration, or calibrate the library again (run-all does)")
+        score = np.asarray(gate_score, np.float64)
+        if self.gate == math.inf:  # no gate: even a query with no neighbours at all (score inf) passes it
+            return np.ones(score.shape, bool)
+        return score < self.gate  # NaN (nothing measured) is not under the gate: refused
+
+    def keep(self, distances, indices, gate_score=None) -> np.ndarray:
+        """Which neighbours are answered: the one place that decides "answer or refuse".
+
+        ``distances`` and ``indices`` are one query's neighbours (1-D) or many
+        queries' (2-D, a row each), as ``kneighbors`` returns them; ``gate_score``
+        the query's gate score (a number, or one per row), or None for an
+        approach without a gate. A neighbour is kept when it is a real one
+        (index not -1), strictly closer than the threshold, and its query passes
+        the gate. Returns a boolean mask shaped like ``distances``: a query is
+        answered "No similar images found" when its row keeps nothing.
+        """
+        distances = np.asarray(distances, np.float64)
+        indices = np.asarray(indices)
+        if distances.shape != indices.shape or distances.ndim not in (1, 2):
+            raise UsageError(f"distances {distances.shape} and indices {indices.shape} must be the same shape, "
+                             f"one row of neighbours per query")
+        # Distances are never below 0; rounding makes an exact copy's cosine distance about -1e-7, and a
+        # threshold of 0 must refuse every neighbour, copies included.
+        kept = (np.maximum(distances, 0.0) < self.threshold) & (indices >= 0)
+        if gate_score is not None:
+            admitted = self.admits(gate_score)
+            if admitted.size != int(np.prod(distances.shape[:-1])):
+                raise UsageError(f"{admitted.size} gate scores for {int(np.prod(distances.shape[:-1]))} queries")
+            kept &= admitted.reshape(*distances.shape[:-1], 1)
+        return kept
+
+    # --- variants -----------------------------------------------------------------------
+
+    def overridden(self, *, threshold: float | None = None, gate: float | None = None) -> "Calibration":
+        """This calibration with an explicit ``threshold`` and/or ``gate`` (None leaves that one as it is).
+
+        Each changes only itself: an explicit threshold keeps the gate, an
+        explicit gate (``np.inf``: off) keeps the threshold.
+        """
+        changes = {}
+        if threshold is not None:
+            changes.update(threshold=float(threshold), chosen="explicit")
+        if gate is not None:
+            changes.update(gate=float(gate), gate_chosen="explicit")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def answer_all(cls, **described) -> "Calibration":
+        """No threshold and no gate: every neighbour is answered (the K-Means baseline always answers)."""
+        return cls(math.inf, math.inf, method="answer-all", **described)
+
+    # --- the stored form ----------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """The JSON record (``<stem>.thresholds.json``): ``value``, ``gate``, ``method``, ``metric``,
+        ``center``, ``chosen``, ``gate_chosen`` and the details, as :meth:`from_dict` reads them."""
+        record = {**self.details, "value": float(self.threshold), "metric": self.metric, "center": self.center,
+                  "method": self.method or "explicit", "chosen": self.chosen, "gate_chosen": self.gate_chosen}
+        if self.gate is not None:
+            record["gate"] = float(self.gate)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Calibration":
+        """A calibration from its JSON record, or from :func:`calibrate_threshold`'s result.
+
+        Reads every version: records without ``chosen`` (before 0.2) are known by
+        their ``method``, records without ``gate`` (version 0.1) get ``gate=None``,
+        records without a method (written by hand) count as explicit.
+        """
+        if "value" not in record:
+            raise UsageError(f"a stored calibration needs a 'value' (its threshold), got the keys {sorted(record)}; "
+                             f"delete the thresholds file and calibrate again (run-all does)")
+        method = record.get("method")
+        by_method = "explicit" if method in (None, "explicit") else (
+            "labelled" if str(method).startswith("labelled") else "unlabelled")
+        known = {"value", "gate", "metric", "center", "method", "chosen", "gate_chosen"}
+        return cls(
+            threshold=float(record["value"]),
+            gate=None if record.get("gate") is None else float(record["gate"]),
+            metric=record.get("metric"), center=record.get("center"),
+            chosen=record.get("chosen", by_method),
+            gate_chosen=record.get("gate_chosen", "explicit" if by_method == "explicit" else "unlabelled"),
+            method=method, details={k: v for k, v in record.items() if k not in known})
+
+
+def choose_calibration(*, threshold: float | None = None, gate: float | None = None,
+                       stored: Calibration | None = None, unlabelled: Callable[[], Calibration | None] | None = None,
+                       metric: str | None = None, center: bool | None = None) -> Calibration:
+    """The calibration an approach answers with, each number on its own.
+
+    The threshold is ``threshold`` if given, else the ``stored`` one (calibrated
+    for this library), else the unlabelled rule's; the gate likewise with
+    ``gate``. ``unlabelled()`` calibrates without labels and is called only when
+    something is missing (it may return None: too few photos, then nothing is
+    refused). ``metric`` and ``center`` describe a calibration made of explicit
+    values alone.
+    """
+    needs_threshold = threshold is None and stored is None
+    needs_gate = gate is None and (stored is None or stored.gate is None)
+    fresh = unlabelled() if unlabelled is not None and (needs_threshold or needs_gate) else None
+    base = stored if stored is not None else fresh
+    if base is None:  # explicit values alone, or a library too small to calibrate: nothing else is refused
+        base = Calibration(math.inf, math.inf, metric=metric, center=center, chosen="unlabelled",
+                           gate_chosen="unlabelled",
+                           method="too-few-images" if needs_threshold or needs_gate else "explicit")
+    if base.gate is None:  # a version 0.1 record: its threshold, with the gate the unlabelled rule finds now
+        base = dataclasses.replace(base, gate=math.inf if fresh is None else fresh.gate, gate_chosen="unlabelled")
+    return base.overridden(threshold=threshold, gate=gate)

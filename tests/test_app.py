@@ -14,7 +14,8 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from similar_finder.app import create_app  # noqa: E402
-from similar_finder.library import Library, class_of  # noqa: E402
+from similar_finder.images import class_of  # noqa: E402
+from similar_finder.library import Library  # noqa: E402
 from similar_finder.recommender import NO_RESULTS  # noqa: E402
 
 LOCAL = "http://127.0.0.1:8000"  # the app answers only requests that name this machine

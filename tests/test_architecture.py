@@ -54,7 +54,7 @@ def test_console_script_and_module_entry_points_agree(tmp_path):
     help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("extract", "cluster", "recommend", "evaluate", "duplicates", "projector", "run-all"):
         assert command in help_text
-    module = subprocess.run([sys.executable, "-m", "similar_finder.cluster", "--features-file",
+    module = subprocess.run([sys.executable, "-m", "similar_finder", "cluster", "--features-file",
                              str(tmp_path / "none.csv")], capture_output=True, text=True)
     assert module.returncode == 2 and "error: no features file" in module.stderr
 
@@ -198,12 +198,12 @@ def test_an_edited_csv_is_not_served_stale(food_features, tmp_path):
     shutil.copytree(food_features.parent, tmp_path / "feat")
     csv = tmp_path / "feat" / food_features.name
     query = Library(csv).paths[0]
-    first = recommend(query, 1, threshold=2.0, library=csv)
+    first = recommend(query, 1, threshold=2.0, gate=np.inf, library=csv)
     frame = pd.read_csv(csv)
     frame.iloc[1:, 1:] = -frame.iloc[1:, 1:].to_numpy()  # every other photo now points the other way
     frame.iloc[5, 1:] = frame.iloc[0, 1:].to_numpy()  # ... but one is an exact copy of the query
     frame.to_csv(csv, index=False)
-    second = recommend(query, 1, threshold=2.0, library=csv)
+    second = recommend(query, 1, threshold=2.0, gate=np.inf, library=csv)
     assert second["path"][0] == frame["path"][5] != first["path"][0] or second["distance"][0] < 1e-5
 
 

@@ -67,7 +67,7 @@ def test_default_falls_back_to_an_offline_lite_when_resnet_weights_cannot_be_had
         raise AssertionError("only the ImageNet download is expected here")
 
     monkeypatch.setattr(keras.applications, "ResNet50", offline)
-    backbones._build_cached.cache_clear()
+    backbones.clear_cache()
     try:
         with pytest.warns(UserWarning, match="instead of the default resnet50") as caught:
             model = backbones.build_backbone(input_size=64)
@@ -79,7 +79,7 @@ def test_default_falls_back_to_an_offline_lite_when_resnet_weights_cannot_be_had
             with pytest.raises(backbones.WeightsUnavailableError, match="resnet50_weights_tf_dim_ordering"):
                 backbones.build_backbone("resnet50", input_size=64)
     finally:
-        backbones._build_cached.cache_clear()
+        backbones.clear_cache()
 
 
 def _imagenet_top1(picture, name: str = "efficientnet_lite0") -> int:

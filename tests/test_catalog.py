@@ -12,6 +12,7 @@ from PIL import ExifTags, Image
 
 from conftest import FAST, make_images
 from similar_finder import catalog as catalog_module
+from similar_finder._quiet import NOISE
 from similar_finder import extract_features
 from similar_finder.catalog import Catalog, photo_facts
 
@@ -101,17 +102,31 @@ def test_catalog_rejects_an_unknown_sort(tmp_path):
 
 # --- a clean first screen ------------------------------------------------------------------
 
-def test_tensorflow_start_up_lines_are_silenced_and_real_errors_kept():
-    script = ("import os, similar_finder, numpy as np\n"
-              "from similar_finder.backbones import build_backbone\n"
-              "print(build_backbone('efficientnet_lite0', input_size=32, weights=None)"
-              ".embed(np.zeros((1, 32, 32, 3), np.uint8)).shape)\n"
-              "os.write(2, b'a real error after start-up\\n')\n")
+def test_tensorflow_start_up_lines_are_silenced_and_real_errors_kept(tmp_path):
+    make_images(tmp_path / "photos", 2)
+    script = ("import os, sys\n"
+              "from similar_finder.cli import main\n"
+              "code = main(['extract', sys.argv[1], '--features-file', sys.argv[2], '--backbone', 'efficientnet_lite0',"
+              " '--weights', 'none', '--input-size', '32', '--quiet'])\n"
+              "os.write(2, b'a real error after start-up\\n')\n"
+              "raise SystemExit(code)\n")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "photos"), str(tmp_path / "f.csv")],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("(1, 1280)")
-    assert done.stderr.strip() == "a real error after start-up", done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == "a real error after start-up", done.stderr
+    assert not [line for line in lines if NOISE.search(line)], done.stderr
+
+
+def test_importing_the_package_changes_nothing_in_the_process():
+    script = ("import os, sys, similar_finder, similar_finder.library, similar_finder.features\n"
+              "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), len(sys.meta_path))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    baseline = subprocess.run([sys.executable, "-c", "import sys; print(None, len(sys.meta_path))"],
+                              capture_output=True, text=True, env=env, check=True).stdout
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert imported.stdout == baseline, imported.stdout
 
 
 def test_the_filter_writes_back_what_is_not_start_up_noise(capfd):

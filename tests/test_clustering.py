@@ -114,3 +114,38 @@ def test_large_libraries_are_clustered_chunk_by_chunk_without_a_normalised_copy(
     assert max(normalised_rows) <= 20 * 128  # chunks and the initial sample, never all 3,000 rows at once
     table, best = clustering.tune_k(features, range(2, 7))
     assert best == 4 and len(table) == 5
+
+
+def test_the_kmeans_estimators_follow_scikit_learns_rules(fitted, food_features):
+    import inspect
+
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    from similar_finder import Library
+    from similar_finder.clustering import ClusterRecommender
+    from similar_finder.recommender import Recommender
+
+    model, _ = fitted
+    library = Library(food_features)
+    approach = ClusterRecommender(model, order="random")  # checked by fit, not here
+    assert approach.get_params()["order"] == "random" and not hasattr(approach, "threshold_")
+    with pytest.raises(NotFittedError):
+        check_is_fitted(approach)
+    with pytest.raises(ValueError, match="unknown order 'random'"):
+        approach.fit(library)
+    approach.set_params(order="distance")
+    check_is_fitted(approach.fit(library))
+    assert approach.kmeans_ is model and approach.threshold_ == approach.gate_ == np.inf  # K-Means always answers
+    # A clone holds an unfitted copy of the model: it fits its own, to the same clusters.
+    twin = clone(approach)
+    assert twin.get_params()["model"] is not model and not hasattr(twin.get_params()["model"], "model_")
+    np.testing.assert_array_equal(twin.fit(library).labels_, approach.labels_)
+    with pytest.raises(NotFittedError):
+        KMeansBaseline().predict(library.matrix)
+    assert clone(model).get_params() == model.get_params()
+    # The two approaches are fitted alike; the K-Means model like any scikit-learn clusterer.
+    assert list(inspect.signature(ClusterRecommender.fit).parameters) == \
+        list(inspect.signature(Recommender.fit).parameters) == ["self", "X", "paths"]
+    assert list(inspect.signature(KMeansBaseline.fit).parameters) == ["self", "X", "y"]

@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import labels_of
 from similar_finder import Library, load_features, recommend
-from similar_finder.descriptors import describe, find_duplicates
+from similar_finder.kinds import describe
+from similar_finder.near_duplicates import find_duplicates
 from similar_finder.projector import write_projector
 from similar_finder.reduce import fit_pca
 
@@ -58,7 +59,7 @@ def test_copies_are_found_as_duplicates_and_distinct_photos_are_not(food_db, tmp
 
 def test_duplicates_command_lists_and_draws_groups(food_db, tmp_path):
     _copies(food_db, tmp_path / "photos", ["fries2_resized.jpeg"])
-    result = subprocess.run([sys.executable, "-m", "similar_finder.duplicates", str(tmp_path / "photos"),
+    result = subprocess.run([sys.executable, "-m", "similar_finder", "duplicates", str(tmp_path / "photos"),
                              "--out", str(tmp_path / "dup")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "group 0:" in result.stdout and "1 groups, 3 images" in result.stdout

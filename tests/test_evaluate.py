@@ -62,13 +62,13 @@ def test_an_unavailable_other_backbone_is_left_out_with_its_reason(food_db, food
         raise Exception("URL fetch failure: Name or service not known")
 
     monkeypatch.setattr(keras.applications, "VGG19", offline)
-    backbones._build_cached.cache_clear()
+    backbones.clear_cache()
     try:
         with caplog.at_level("WARNING", logger="similar_finder"):
             table = evaluate(food_db, features_csv=food_features, other_backbones=("vgg19",),
                              out_dir=tmp_path, progress=False).table
     finally:
-        backbones._build_cached.cache_clear()
+        backbones.clear_cache()
     assert not any("vgg19" in m for m in table["method"])
     assert "left out vgg19" in caplog.text and "--weights PATH" in caplog.text
 

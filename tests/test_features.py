@@ -161,7 +161,7 @@ def test_an_interrupted_run_resumes_without_losing_work(tmp_path):
     make_images(images, 300, size=32)
     out = tmp_path / "features.csv"
     partial = FeatureFiles(out).partial
-    cmd = [sys.executable, "-m", "similar_finder.extract", str(images), "--out", str(out),
+    cmd = [sys.executable, "-m", "similar_finder", "extract", str(images), "--out", str(out),
            "--backbone", "efficientnet_lite0", "--weights", "none", "--input-size", "64",
            "--batch-size", "2", "--checkpoint-every", "2", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -182,7 +182,7 @@ def test_an_interrupted_run_resumes_without_losing_work(tmp_path):
 
 
 def test_cli_reports_errors_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "similar_finder.extract", str(tmp_path / "nope")],
+    result = subprocess.run([sys.executable, "-m", "similar_finder", "extract", str(tmp_path / "nope")],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "error: images folder" in result.stderr and "Traceback" not in result.stderr

@@ -161,7 +161,7 @@ def test_query_expansion_reranks_without_ever_returning_the_query(library, food_
     result = recommend(food_db / opened.paths[0], 3, threshold=2.0, library=library, expand=True)
     assert len(result) == 3 and opened.paths[0] not in set(result["path"])
     with pytest.raises(ValueError, match="needs the cosine metric"):
-        Recommender("manhattan", query_expansion=5)
+        Recommender("manhattan", query_expansion=5).fit(opened.matrix)  # checked by fit, not by __init__
 
 
 def test_query_expansion_on_a_tiny_library_never_answers_a_photo_with_itself():
@@ -169,3 +169,30 @@ def test_query_expansion_on_a_tiny_library_never_answers_a_photo_with_itself():
     model = Recommender(threshold=np.inf, gate=np.inf, query_expansion=5).fit(data)
     _, indices, _ = model.search(None, 5, rows=np.arange(4))
     assert not (indices == np.arange(4)[:, None]).any()
+
+
+def test_the_recommender_follows_scikit_learns_estimator_rules(library):
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    _, matrix, _ = load_features(library)
+    model = Recommender(threshold=0.4, gate=np.inf, metric="cosin", query_expansion=2)  # checked by fit, not here
+    assert model.get_params()["metric"] == "cosin" and not hasattr(model, "threshold_")
+    with pytest.raises(NotFittedError):
+        check_is_fitted(model)
+    with pytest.raises(ValueError, match="unknown metric 'cosin'"):
+        model.fit(matrix)
+    model.set_params(metric=None)
+    check_is_fitted(model.fit(matrix))
+    assert (model.metric_, model.threshold_, model.gate_) == ("cosine", 0.4, np.inf)
+    copy = clone(model)
+    assert copy.get_params() == model.get_params() and not hasattr(copy, "calibration_")
+    # A parameter set after construction reaches the search: centring off is plain cosine.
+    plain = Recommender()
+    plain.center = False
+    d, i = plain.fit(matrix).kneighbors(matrix[:4], 3)
+    ref_d, ref_i = NearestNeighbors(n_neighbors=3, metric="cosine").fit(matrix).kneighbors(matrix[:4])
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(d, ref_d, atol=1e-4)
+    assert not plain.neighbors_.center and plain.calibration_.center is False

@@ -1,12 +1,4 @@
-"""Adapting the embedding to the user's own labelled photos: a metric-learning head on frozen features.
-
-Pretrained features know ImageNet's categories, not the user's. Given photos
-sorted into one folder per class, ``adapt(labelled_dir)`` embeds them with the
-backbone (incrementally, reusing a features file), trains a small Keras head on
-the frozen vectors with a metric-learning loss on class-balanced batches, stops
-early on a validation split, and saves the head (``models/adapter.keras`` plus a
-``.json`` beside it). ``extract --adapter`` then writes adapted vectors, and a
-new photo is embedded the same way, so every part of the project uses them.
+"""Training an adapter: a metric-learning head (optionally the backbone's last blocks) on labelled features.
 
 The head: Dense(512, ReLU) → Dense(``dim``) → unit length. Losses:
 
@@ -16,51 +8,26 @@ The head: Dense(512, ReLU) → Dense(``dim``) → unit length. Losses:
 * ``"supcon"`` – supervised contrastive (Khosla et al., 2020): in each batch,
   photos of one class are pulled together and the rest pushed apart.
 
-``fine_tune_blocks=N`` also trains the backbone's last N blocks (a copy of
-them, inside the adapter), on the photos and their mirror images; the
-adapter then takes the activations that feed those blocks, and extraction
-stops the backbone there.
-
-Command line: ``similar-finder adapt LABELLED_DIR --out models/adapter.keras``.
+:func:`fit_adapter` trains on plain arrays and blends the head with the plain
+features; :mod:`.pipeline` feeds it a library's photos.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ._io import DATA_DIR, MODELS_DIR, read_json, write_json
-from .errors import MissingError, SimilarFinderError, UsageError, check_choice
+from .._io import file_sha256, write_json
+from ..errors import UsageError, check_choice
+from ..metrics import retrieval_against
+from .model import AdapterError, embed
 
-log = logging.getLogger(__name__)
-DEFAULT_ADAPTER = MODELS_DIR / "adapter.keras"
 LOSSES = ("arcface", "supcon")
 VALIDATION_SHARE = 0.2  # of the labelled photos, held out to stop training and to report scores
-SCORE_K = 5
 
-
-class AdapterError(SimilarFinderError):
-    """An adapter file is missing, unreadable or does not fit the features."""
-
-
-@dataclass
-class AdaptResult:
-    """What ``adapt`` made and how much it helped on photos it did not train on."""
-
-    path: Path | None
-    before: dict  # retrieval scores of the plain features on the validation photos
-    after: dict  # the same with the adapter
-    epochs: int
-    info: dict = field(default_factory=dict)
-
-
-# --- splits and scores -------------------------------------------------------------------
 
 def stratified_split(labels: np.ndarray, share: float, *, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``(train, test)``: ``share`` of each class (at least one photo) in test, the rest in train."""
@@ -81,33 +48,6 @@ def class_split(labels: np.ndarray, share: float = 0.5, *, random_state: int = 0
     test = np.array([label in unseen for label in labels])
     return np.flatnonzero(~test), np.flatnonzero(test)
 
-
-def retrieval_against(queries: np.ndarray, query_labels, library: np.ndarray, library_labels, *,
-                      center: bool = True, k: int = SCORE_K) -> dict:
-    """precision@k and mAP of new photos (``queries``) searched in a ``library`` of other photos."""
-    from .recommender import Recommender
-
-    query_labels, library_labels = np.asarray(query_labels), np.asarray(library_labels)
-    model = Recommender(threshold=np.inf, gate=np.inf, center=center).fit(library)
-    _, ranked = model.kneighbors(queries, len(library))
-    hits = library_labels[ranked] == query_labels[:, None]
-    totals = np.maximum(hits.sum(1), 1)
-    precision_at = np.cumsum(hits, 1) / np.arange(1, hits.shape[1] + 1)
-    return {f"precision@{k}": float(hits[:, :k].mean()),
-            "mAP": float(((precision_at * hits).sum(1) / totals).mean())}
-
-
-def retrieval_among(vectors: np.ndarray, labels: np.ndarray, *, center: bool = True, k: int = SCORE_K) -> dict:
-    """Leave-one-out precision@k, recall@k and mAP of cosine retrieval among ``vectors`` alone."""
-    from .evaluate import full_rankings, retrieval_scores
-    from .recommender import Recommender
-
-    model = Recommender(threshold=np.inf, gate=np.inf, center=center).fit(vectors)
-    rows = np.arange(len(vectors))
-    return retrieval_scores(full_rankings(model, rows, len(vectors)), np.asarray(labels), k, rows)
-
-
-# --- the head ----------------------------------------------------------------------------
 
 def _balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class: int, rng: np.random.Generator):
     """One epoch of batch row indices: ``classes_per_batch`` classes x ``per_class`` photos each."""
@@ -218,7 +158,7 @@ def train_embedding(body, inputs: np.ndarray, labels, *, validation=None, flippe
             step(rows)
         if validation is None:
             continue
-        score = retrieval_against(_embed(body, validation[0]), validation[1], _embed(body, inputs), labels,
+        score = retrieval_against(embed(body, validation[0]), validation[1], embed(body, inputs), labels,
                                   center=False)["precision@5"]
         if score > best + 1e-4:
             best, best_weights, waited = score, body.get_weights(), 0
@@ -282,123 +222,6 @@ def _with_standardisation(head, mean, std):
     return keras.Model(inputs, head(scaled), name="similar_finder_adapter")
 
 
-def _embed(model, features: np.ndarray) -> np.ndarray:
-    x = np.asarray(features, np.float32)
-    # Called directly, not with predict(): that compiles a function per model, and training makes many.
-    return np.concatenate([np.asarray(model(x[i:i + 4096], training=False), np.float32)
-                           for i in range(0, len(x), 4096)]) if len(x) else np.zeros((0, model.output_shape[-1]),
-                                                                                      np.float32)
-
-
-# --- the saved adapter ---------------------------------------------------------------------
-
-class Adapter:
-    """A trained head: raw backbone vectors in, adapted unit vectors out; loaded once per process and file."""
-
-    def __init__(self, path: str | os.PathLike):
-        import keras
-
-        from . import pooling  # noqa: F401  registers the layers a fine-tuned tail may end in (GeM)
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise MissingError(f"no adapter at {self.path}; train one with `similar-finder adapt LABELLED_DIR`")
-        self.info = read_json(self.path.with_suffix(".json")) if self.path.with_suffix(".json").is_file() else {}
-        try:
-            self.model = keras.saving.load_model(self.path, compile=False)
-        except Exception as exc:  # Keras reports a bad file with assorted exception types
-            raise AdapterError(f"cannot read the adapter {self.path}: {exc}") from exc
-        self.sha256 = file_sha256(self.path)
-        self.input_shape = tuple(self.model.input_shape[1:])
-        self.input_dim = int(self.input_shape[-1])
-        self.dim = int(self.model.output_shape[-1])
-        self.cut = self.info.get("cut")  # fine-tuned: the backbone layer whose activations it takes
-
-    @property
-    def record(self) -> dict:
-        """What the feature sidecar records of the adapter (mixing others is refused)."""
-        return {"sha256": self.sha256, "dim": self.dim, "path": str(self.path)}
-
-    def check_backbone(self, config: dict) -> None:
-        """Refuse a backbone other than the one the adapter was trained on."""
-        trained = {k: v for k, v in (self.info.get("backbone") or {}).items() if k != "adapter"}
-        input_fits = self.cut is not None or self.input_dim == config["dim"]
-        if not input_fits or (trained and trained != {k: config[k] for k in trained}):
-            raise AdapterError(f"the adapter {self.path} was trained on {trained or f'{self.input_dim}-d features'}, "
-                               f"not on {config}; train one for this backbone with `similar-finder adapt`")
-
-    def transform(self, features: np.ndarray) -> np.ndarray:
-        """Backbone vectors (or, for a fine-tuned adapter, the activations at ``cut``) to adapted vectors."""
-        features = np.asarray(features, np.float32)
-        if features.ndim == 1:
-            features = features[None]
-        if features.shape[1:] != self.input_shape:
-            raise AdapterError(f"the adapter {self.path} takes {self.input_dim}-d features, got "
-                               f"{features.shape[1]}-d; use it with the backbone it was trained on "
-                               f"({self.info.get('backbone', {}).get('backbone', 'see its .json')})")
-        return _embed(self.model, features)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-@dataclass
-class AdaptedBackbone:
-    """A backbone followed by an adapter: what ``extract --adapter`` and its new queries embed with."""
-
-    backbone: object
-    adapter: Adapter
-
-    def __post_init__(self):
-        self.adapter.check_backbone(self.backbone.config)
-        self.name, self.input_size = self.backbone.name, self.backbone.input_size
-
-    @property
-    def dim(self) -> int:
-        return self.adapter.dim
-
-    @property
-    def config(self) -> dict:
-        return {**self.backbone.config, "dim": self.adapter.dim, "adapter": self.adapter.record}
-
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        if self.adapter.cut is not None:  # fine-tuned: its own copy of the last blocks takes over from there
-            return self.adapter.transform(self.backbone.embed_trunk(images, self.adapter.cut))
-        return self.adapter.transform(self.backbone.embed(images))
-
-
-def adapter_for(record: dict | None) -> Adapter | None:
-    """The adapter a library's sidecar records, checked to be the very file it was made with."""
-    if not record:
-        return None
-    path = Path(record["path"])
-    if not path.is_file() or file_sha256(path) != record["sha256"]:
-        raise AdapterError(f"the library's vectors were made with the adapter {path} (sha256 "
-                           f"{record['sha256'][:12]}…), which is no longer there as it was; put it back, or "
-                           f"extract again with `--adapter NEW_FILE --overwrite`")
-    return load_adapter(path)
-
-
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """The adapter at ``path``, loaded once per process and version of the file."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise MissingError(f"no adapter at {path}; train one with `similar-finder adapt LABELLED_DIR`")
-    return _load_cached(str(path), path.stat().st_mtime_ns)
-
-
-_LOADED: dict = {}
-
-
-def _load_cached(path: str, stamp: int) -> Adapter:
-    key = (path, stamp)
-    if key not in _LOADED:
-        _LOADED[key] = Adapter(path)
-    return _LOADED[key]
-
-
 def save_head(model, path: Path, info: dict) -> Path:
     """Save atomically: Keras writes a temporary ``.keras`` file, renamed over ``path`` once complete."""
     path = Path(path)
@@ -412,8 +235,6 @@ def save_head(model, path: Path, info: dict) -> Path:
     write_json(path.with_suffix(".json"), {**info, "sha256": file_sha256(path)})
     return path
 
-
-# --- the whole step ------------------------------------------------------------------------
 
 PLAIN_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -496,106 +317,10 @@ def fit_adapter(features: np.ndarray, labels, *, loss: str = "arcface", epochs: 
     scores = {}
     for weight in PLAIN_WEIGHTS:
         model = blended_model(head, weight, plain)
-        scores[weight] = retrieval_against(_embed(model, features[held]), labels[held],
-                                           _embed(model, features[fit]), labels[fit])
+        scores[weight] = retrieval_against(embed(model, features[held]), labels[held],
+                                           embed(model, features[fit]), labels[fit])
     # The best held-out precision; among equals, the most plain (the least that can go wrong).
     weight = max(PLAIN_WEIGHTS, key=lambda w: (round(scores[w]["precision@5"], 6), w))
     report = {"plain": scores[1.0], "adapted": scores[weight], "plain_weight": weight, "epochs": run,
               "train": int(len(fit)), "held_out": int(len(held))}
     return blended_model(head, weight, plain), report
-
-
-def trunk_activations(backbone, layer: str, root: Path, paths: list[str], batch_size: int = 32):
-    """The activations of ``layer`` for every photo, and for every photo mirrored: ``(activations, flipped)``."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .features import default_workers
-    from .images import load_image
-
-    out, mirrored = [], []
-    with ThreadPoolExecutor(default_workers()) as pool:
-        for start in range(0, len(paths), batch_size):
-            batch = np.stack(list(pool.map(lambda p: load_image(root / p, backbone.input_size)[0],
-                                           paths[start:start + batch_size])))
-            out.append(backbone.embed_trunk(batch, layer))
-            mirrored.append(backbone.embed_trunk(batch[:, :, ::-1], layer))
-    return np.concatenate(out), np.concatenate(mirrored)
-
-
-def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAULT_ADAPTER, *,
-          features_csv: str | os.PathLike | None = None, backbone: str | None = None, loss: str = "arcface",
-          epochs: int = 60, dim: int = 128, fine_tune_blocks: int = 0, progress: bool = True,
-          **extract_kwargs) -> AdaptResult:
-    """Train an adapter on a folder with one subfolder per class and save it to ``out``.
-
-    Photos are embedded with ``backbone`` (incrementally, into ``features_csv``,
-    default ``data/adapt/<folder>.csv``); :func:`fit_adapter` trains and blends
-    the head, and its held-out scores before and after are returned (and logged).
-    ``fine_tune_blocks=N`` also fine-tunes the backbone's last N blocks, on the
-    photos and their mirror images (slower: every photo is decoded again).
-    """
-    from .features import extract_features
-
-    labelled_dir = Path(labelled_dir)
-    if features_csv is None:
-        features_csv = DATA_DIR / "adapt" / f"{labelled_dir.resolve().name}.csv"
-    library = extract_features(labelled_dir, features_csv, backbone, progress=progress, **extract_kwargs)
-    if library.config and library.config.get("adapter"):
-        raise AdapterError(f"{features_csv} holds adapted vectors; adapt from plain backbone features")
-    labels = library.labels(required=True)
-    tuning = {}
-    if fine_tune_blocks:
-        (tail, activations, flipped), cut = fine_tuning_inputs(library, fine_tune_blocks)
-        model, report = fit_adapter(activations, labels, loss=loss, epochs=epochs, dim=dim, tail=tail,
-                                    flipped=flipped)
-        tuning = {"fine_tune_blocks": int(fine_tune_blocks), "cut": cut}
-    else:
-        model, report = fit_adapter(library.matrix, labels, loss=loss, epochs=epochs, dim=dim)
-    before, after = report["plain"], report["adapted"]
-    log.info("held-out precision@5: %.3f plain, %.3f adapted (plain weight %.1f, %d epochs)",
-             before["precision@5"], after["precision@5"], report["plain_weight"], report["epochs"])
-    if report["plain_weight"] >= 1:
-        log.warning("the head did not beat the plain features on the held-out photos (too few photos per "
-                    "class?); the adapter passes the plain features through")
-    info = {"backbone": library.config, "loss": loss, "dim": dim, "classes": sorted(set(labels)),
-            "trained_on": str(labelled_dir.resolve()), **tuning, **report}
-    path = save_head(model, Path(out), info) if out is not None else None
-    return AdaptResult(path, before, after, report["epochs"], info)
-
-
-def compare_adapted(matrix: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, *,
-                    loss: str = "arcface", k: int = SCORE_K, tuning=None) -> tuple[dict, dict]:
-    """Fit an adapter on rows ``train``, score retrieval among rows ``test``: ``(plain, adapted)``.
-
-    ``tuning``: ``(tail, activations, flipped)`` to fine-tune the backbone's last blocks too.
-    """
-    labels = np.asarray(labels)
-    inputs = matrix
-    if tuning is None:
-        model, _ = fit_adapter(matrix[train], labels[train], loss=loss)
-    else:
-        tail, inputs, flipped = tuning
-        model, _ = fit_adapter(inputs[train], labels[train], loss=loss, tail=tail, flipped=flipped[train])
-    plain = retrieval_among(matrix[test], labels[test], k=k)
-    adapted = retrieval_among(_embed(model, inputs[test]), labels[test], k=k)
-    return plain, adapted
-
-
-def fine_tuning_inputs(library, blocks: int):
-    """``(tail, activations, flipped)`` of a library's photos for fine-tuning its backbone's last ``blocks``."""
-    from .backbones import build_backbone
-    from .features import weights_argument
-
-    cfg = library.config
-    if not cfg:
-        raise AdapterError(f"{library.files.csv} has no sidecar: the backbone to fine-tune is unknown")
-    backbone = build_backbone(cfg["backbone"], pooling=cfg["pooling"], input_size=cfg["input_size"],
-                              weights=weights_argument(cfg["weights"]))
-    cut, tail = backbone.tail(blocks)
-    return (tail, *trunk_activations(backbone, cut, library.root, library.paths)), cut
-
-
-if __name__ == "__main__":
-    from .cli import main_for
-
-    raise SystemExit(main_for("adapt"))

@@ -1,0 +1,211 @@
+"""The whole pipeline: one call from a folder of photos to pictures a person can look at.
+
+    similar-finder run-all [IMAGES_DIR] [--out output/<folder>] [--n-sample 5] [--limit N] [--kind cnn]
+
+extract features (incremental) → tune and fit the K-Means baseline → calibrate
+the threshold → a recommendation grid per image for both approaches
+(``rec/<approach>/`` and ``rec/kmeans/``) → t-SNE and UMAP maps, silhouette
+curve, distance histogram → evaluation table (when the folder has class
+subfolders) → ``report.md`` and ``report.html``. With no folder it runs on the
+embedded demo library. ``run_all(...)`` does the same from Python and returns a
+:class:`RunSummary`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+
+from ._io import OUTPUT_DIR
+from .clustering import DEFAULT_K_RANGE, ClusterRecommender, KMeansBaseline, clip_k_range, fit_baseline
+from .demo import ensure_demo_library
+from .errors import MissingError, UsageError, check_positive
+from .evaluate import Evaluation, evaluate_features
+from .features import extract_features
+from .kinds import get_kind
+from .library import Library
+from .neighbors import sample_rows
+from .plots import distance_histogram, recommendation_grid, save_figure, silhouette_curve, threshold_tradeoff, tsne_map
+from .recommender import Recommender
+from .reduce import tsne_embedding, umap_embedding
+from .report import Report
+
+log = logging.getLogger(__name__)
+TSNE_MAX = 5_000  # t-SNE above this many images runs on an even sample of them
+REPORT_INLINE_GRIDS = 12  # grids shown in the report; the rest are in rec/
+
+
+@dataclass
+class RunSummary:
+    """What a run did and where it put things."""
+
+    images_dir: Path
+    out: Path
+    library: Library
+    kmeans: KMeansBaseline
+    threshold: dict
+    kind: str
+    approach: str
+    grids: int
+    no_result_queries: int
+    tsne_images: int
+    evaluation: Evaluation | None
+    skipped: pd.DataFrame
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.html"
+
+
+def _grid_name(path: str) -> str:
+    return path.replace("/", "__").rsplit(".", 1)[0] + ".png"
+
+
+def _draw_grids(query, results, titles, root, query_label, folder, name) -> None:
+    for approach, frame in results.items():
+        fig = recommendation_grid(query, frame, root, title=titles[approach], query_label=query_label,
+                                  classes=query_label is not None)
+        save_figure(fig, folder / approach / name, dpi=72)
+
+
+def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample: int = 5,
+            limit: int | None = None, kind: str = "cnn", progress: bool = True, **extract_kwargs) -> RunSummary:
+    """Run the whole pipeline on ``images_dir`` and write everything under ``out``.
+
+    ``kind`` is what the nearest-neighbour recommender compares: CNN features
+    (``"cnn"``, cosine, the default) or another kind (``"color"``, ``"phash"``,
+    ``"pca"``, ...); the K-Means baseline always uses CNN features.
+    """
+    from tqdm import tqdm
+
+    check_positive("n_sample", n_sample)
+    get_kind(kind)  # a clear error before any work
+    images_dir = Path(images_dir) if images_dir is not None else ensure_demo_library()
+    if not images_dir.is_dir():
+        raise MissingError(f"images folder {images_dir} does not exist or is not a folder")
+    out = Path(out) if out is not None else OUTPUT_DIR / images_dir.resolve().name
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(name: str):
+        log.info("• %s", name)
+        started = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - started, 2)
+
+    with step("extract features"):
+        library = extract_features(images_dir, out / "features.csv", backbone, progress=progress, **extract_kwargs)
+    if len(library) < 5:
+        raise UsageError(f"only {len(library)} usable images in {images_dir}; at least 5 are needed")
+    labels = library.labels()
+
+    with step("tune and fit K-Means"):
+        k_range = clip_k_range(DEFAULT_K_RANGE, len(library))
+        kmeans = fit_baseline(library, k_range=k_range, model_path=out / "kmeans.joblib",
+                              clusters_csv=out / "clusters.csv")
+        save_figure(silhouette_curve(kmeans.tuning_, kmeans.k_), out / "silhouette.png")
+
+    with step("calibrate the threshold"):
+        recommender = Recommender(kind=kind, threshold=np.inf, gate=np.inf).fit(library)
+        calibration = recommender.calibrate(labels)
+        nearest, _ = recommender.kneighbors(None, 1)
+        save_figure(distance_histogram(nearest[:, 0], calibration["value"], label=f"({calibration['method']})"),
+                    out / "distances.png")
+        if "curve" in calibration:
+            save_figure(threshold_tradeoff(calibration["curve"], calibration["value"], youden=calibration["youden"]),
+                        out / "threshold.png")
+
+    with step("recommendation grids"):
+        approaches = {"cosine" if kind == "cnn" else kind: recommender,
+                      "kmeans": ClusterRecommender(kmeans).fit(library)}
+        titles = {name: f"{kind.upper()} nearest neighbours, {recommender.metric} (thresholded)"
+                  for name in approaches if name != "kmeans"}
+        chosen = sample_rows(len(library), limit, even=True)
+        answers = {name: approach.search(None, n_sample, rows=chosen) for name, approach in approaches.items()}
+        tasks, empty = [], 0
+        for position, row in enumerate(chosen):
+            results = {}
+            for name, approach in approaches.items():
+                distances, indices, gates = answers[name]
+                results[name] = approach.answer(distances[position], indices[position],
+                                                None if gates is None else gates[position])
+            empty += results[next(iter(approaches))].empty
+            cluster = approaches["kmeans"].labels_[row]
+            tasks.append((library.root / library.paths[row], results,
+                          {**titles, "kmeans": f"K-Means baseline, cluster {cluster}"}, library.root,
+                          None if labels is None else labels[row], out / "rec", _grid_name(library.paths[row])))
+        # Drawing is the slow part (a few figures per second): one process per core.
+        drawn = Parallel(n_jobs=-1, return_as="generator_unordered")(delayed(_draw_grids)(*t) for t in tasks)
+        for _ in tqdm(drawn, total=len(tasks), desc="grids", unit="img", disable=not progress):
+            pass
+
+    with step("t-SNE and UMAP maps"):
+        sample = sample_rows(len(library), TSNE_MAX, even=True)
+        matrix = library.matrix[sample]
+        colours = {"K-Means cluster": kmeans.labels_[sample]}
+        if labels is not None:
+            colours["class"] = labels[sample]
+        save_figure(tsne_map(tsne_embedding(matrix), colours, paths=[library.paths[i] for i in sample],
+                             images_root=library.root, thumbnails=min(40, len(sample))), out / "tsne.png")
+        save_figure(tsne_map(umap_embedding(matrix), colours, method="UMAP"), out / "umap.png")
+
+    evaluation = None
+    if labels is not None:
+        with step("evaluate"):
+            evaluation = evaluate_features(library, k=n_sample, kmeans=kmeans)
+            evaluation.save(out / "evaluation")
+
+    skipped = pd.read_csv(library.files.skipped)
+    summary = RunSummary(images_dir=images_dir, out=out, library=library, kmeans=kmeans, threshold=calibration,
+                         kind=kind, approach=next(iter(approaches)), grids=len(chosen), no_result_queries=int(empty),
+                         tsne_images=len(sample), evaluation=evaluation, skipped=skipped, timings=timings)
+    build_report(summary).save(out)
+    log.info("done: report at %s, grids in %s, plots in %s", out / "report.html", out / "rec", out)
+    return summary
+
+
+def build_report(s: RunSummary) -> Report:
+    """The run's report, from its summary."""
+    library, t, stats = s.library, s.threshold, s.library.stats
+    report = Report("similar_finder report").bullets([
+        f"images folder: {s.images_dir}",
+        f"images: {stats.images} found, {len(library)} usable, {len(s.skipped)} skipped; "
+        f"this run embedded {stats.embedded} and reused {stats.reused} from the features file",
+        f"backbone: {library.meta['backbone']} (weights: {library.meta['weights']}, "
+        f"{library.meta['dim']}-d features)",
+        f"K-Means baseline: chosen k = {s.kmeans.k_} by silhouette score",
+        f"nearest-neighbour recommender: {s.kind} features, {t['metric']} distance, threshold "
+        f"{t['value']:.3f} ({t['method']}), gate {t['gate']:.3f}; {s.no_result_queries} of {s.grids} queries "
+        f"got \"No similar images found\"",
+        f"recommendation grids: {s.grids} per approach in rec/{s.approach}/ and rec/kmeans/",
+        f"t-SNE: {s.tsne_images} images" + (f" (an even sample of {len(library)})"
+                                            if s.tsne_images < len(library) else ""),
+    ])
+    report.heading("Timings (seconds)").table(pd.Series(s.timings, name="seconds").to_frame(), index=True)
+    report.heading("Silhouette score by k").table(s.kmeans.tuning_, floatfmt=(".0f", ".4f", ".2f"))
+    for name in ("silhouette", "tsne", "umap", "distances", "threshold"):
+        if (s.out / f"{name}.png").is_file() and (name != "threshold" or "curve" in t):
+            report.image(f"{name}.png", name)
+    if s.evaluation is not None:
+        sample = f", on an even sample of {s.evaluation.queries} query images" \
+            if s.evaluation.queries < len(library) else ""
+        report.heading(f"Evaluation (leave-one-out, classes from subfolders{sample})").table(s.evaluation.table)
+    report.heading("Skipped files")
+    if len(s.skipped):
+        report.table(s.skipped)
+    else:
+        report.text("None.")
+    grids = sorted((s.out / "rec" / s.approach).glob("*.png"))
+    report.heading(f"Recommendation grids (first {min(len(grids), REPORT_INLINE_GRIDS)} of {len(grids)})")
+    for grid in grids[:REPORT_INLINE_GRIDS]:
+        report.image(f"rec/{s.approach}/{grid.name}", grid.stem).image(f"rec/kmeans/{grid.name}", grid.stem)
+    return report
+
