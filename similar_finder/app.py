@@ -1,7 +1,7 @@
 """The local web app: browse a photo library, click or drop a photo, see the similar ones.
 
-``python -m similar_finder.app [IMAGES_DIR] [--features-file CSV] [--host 127.0.0.1] [--port 8000]
-[--originals DIR] [--open]`` (also ``similar-finder app``) serves the page at
+``similar-finder app [IMAGES_DIR] [--features-file CSV] [--host 127.0.0.1] [--port 8000]
+[--originals DIR] [--open]`` (also ``python -m similar_finder app``) serves the page at
 ``http://127.0.0.1:8000/``. With no folder it serves the embedded demo library;
 with a folder it extracts its features first (incrementally); with only
 ``--features-file`` it serves that library as it is.

@@ -1,4 +1,4 @@
-"""The command line, in one place: ``similar-finder <command>`` (or ``python -m similar_finder.<command>``).
+"""The command line, in one place: ``similar-finder <command>`` (or ``python -m similar_finder <command>``).
 
 Commands: ``extract``, ``cluster``, ``recommend``, ``evaluate``, ``adapt``,
 ``duplicates``, ``projector``, ``run-all``, ``app``. One spelling per meaning, in
@@ -30,6 +30,8 @@ from pathlib import Path
 
 from ._io import DEFAULT_FEATURES, OUTPUT_DIR
 from ._quiet import install as quiet_tensorflow
+from .backbones import (DEFAULT_BACKBONE, GEM_P, OFFLINE_BACKBONE, POOLINGS, REGISTRY, TOKEN_POOLINGS, sizes_help,
+                        weights_value)
 from .errors import SimilarFinderError
 
 PROG = "similar-finder"
@@ -75,28 +77,22 @@ def _renamed(parser, old: str, new: argparse.Action, **overrides) -> None:
     _note_old_spellings(parser, f"{old} (now {use}).")
 
 
-def _weights(value: str) -> str | None:
-    return None if value.lower() == "none" else value
-
-
 def _backbone_options(parser) -> None:
-    from .backbones import BACKBONES, POOLINGS, TOKEN_POOLINGS
-
     group = parser.add_argument_group("backbone")
     group.add_argument("--backbone", default=None, metavar="NAME",
-                       help=f"network to embed with: {', '.join(BACKBONES)}, a KerasHub preset (dinov2_small, "
+                       help=f"network to embed with: {', '.join(REGISTRY)}, a KerasHub preset (dinov2_small, "
                             f"clip_vit_base_patch16, siglip_base_patch16_224, ...; downloaded once, or a preset "
                             f"folder given with --weights DIR), or several joined with '+' (an ensemble, e.g. "
                             f"efficientnet_lite0+efficientnet_lite2). Default: the one the features file already "
-                            f"uses, else resnet50, or efficientnet_lite2 when offline")
+                            f"uses, else {DEFAULT_BACKBONE}, or {OFFLINE_BACKBONE} when offline")
     group.add_argument("--pooling", default=None,
-                       help=f"{'|'.join(POOLINGS)} for the CNNs (default avg; gem: generalised mean, p=3), "
+                       help=f"{'|'.join(POOLINGS)} for the CNNs (default {POOLINGS[0]}; gem: generalised mean, "
+                            f"p={GEM_P:g}), "
                             f"{'|'.join(TOKEN_POOLINGS)} for KerasHub transformers (default: cls for DINO, "
                             f"pooled for CLIP/SigLIP)")
     group.add_argument("--input-size", type=int, default=None,
-                       help="square input side in pixels (default: the backbone's native size: 224, "
-                            "efficientnet_lite1 240, efficientnet_lite2 260)")
-    group.add_argument("--weights", type=_weights, default="imagenet",
+                       help=f"square input side in pixels (default: the backbone's native size: {sizes_help()})")
+    group.add_argument("--weights", type=weights_value, default="imagenet",
                        help="'imagenet' (downloaded by Keras), the path of a local weights file, a KerasHub "
                             "preset folder, or 'none' for random weights (tests only)")
 
@@ -474,7 +470,7 @@ def main(argv=None) -> int:
 
 
 def main_for(command: str, argv=None) -> int:
-    """``python -m similar_finder.<command>``: the same as ``similar-finder <command>``."""
+    """``python -m similar_finder.run_all`` and the like: the same as ``similar-finder <command>``."""
     return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -177,11 +177,13 @@ class KMeansBaseline(BaseEstimator):
         return self._prepare(features)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        return self.model_.predict(self._check(features))
+        features = self._check(features)  # first: it says "not fitted" before model_ is needed
+        return self.model_.predict(features)
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         """Distance of each vector to every centroid."""
-        return self.model_.transform(self._check(features))
+        features = self._check(features)
+        return self.model_.transform(features)
 
     def save(self, path: str | os.PathLike = DEFAULT_MODEL) -> Path:
         path = Path(path)

@@ -223,9 +223,10 @@ def readme_commands():
     import shlex
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text().replace("\\\n", "")  # bash joins a continued line
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = text.replace("\\\n", "")  # bash joins a continued line
     lines = re.findall(r"^similar-finder (.+)$", text, re.M) + re.findall(r"`similar-finder ([^`]+)`", text)
-    return [shlex.split(line, comments=True) for line in lines]
+    return [shlex.split(re.sub(r"[][]", "", line), comments=True) for line in lines]  # [--optional] shown as such
 
 
 def test_the_readme_shows_only_current_spellings(capsys):

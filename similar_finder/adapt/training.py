@@ -14,13 +14,11 @@ features; :mod:`.pipeline` feeds it a library's photos.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .._io import file_sha256, write_json
+from .._io import atomic_path, file_sha256, write_json
 from ..errors import UsageError, check_choice
 from ..metrics import retrieval_against
 from .model import AdapterError, embed
@@ -225,13 +223,8 @@ def _with_standardisation(head, mean, std):
 def save_head(model, path: Path, info: dict) -> Path:
     """Save atomically: Keras writes a temporary ``.keras`` file, renamed over ``path`` once complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        model.save(folder / "adapter.keras")
-        os.replace(folder / "adapter.keras", path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras wants a file name ending in .keras
+        model.save(tmp)
     write_json(path.with_suffix(".json"), {**info, "sha256": file_sha256(path)})
     return path
 
