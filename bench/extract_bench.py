@@ -24,8 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from similar_finder import build_backbone, extract_features  # noqa: E402
 from similar_finder.backbones import WeightsUnavailableError  # noqa: E402
-from similar_finder.images import scan_images  # noqa: E402
-from similar_finder.images import load_image  # noqa: E402
+from similar_finder.images import load_image, scan_images  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

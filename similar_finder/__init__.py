@@ -7,8 +7,9 @@ no umask): a command sets what it needs where it starts (:func:`similar_finder.c
 """
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
+
+from ._lazy import lazy_exports
 
 try:  # the one home of the version is pyproject.toml
     __version__ = importlib.metadata.version(__name__)
@@ -31,7 +32,7 @@ _EXPORTS = {
     "recommend_by_cluster": "clustering",
     "Recommender": "recommender",
     "recommend": "recommender",
-    "NO_RESULTS": "recommender",
+    "NO_RESULTS": "thresholds",
     "calibrate_threshold": "thresholds",
     "SimilarFinderError": "errors",
     "DATA_DIR": "_io",
@@ -39,15 +40,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'similar_finder' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS])
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

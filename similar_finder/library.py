@@ -10,7 +10,8 @@ reads and writes what is derived from the features:
   and cached under ``<stem>.cache/``: whole-library values (PCA) keyed by the
   fingerprint, per-photo descriptors by each photo's SHA-256;
 * ``query(file, kind)`` – a query's vector, looked up if it is a library photo;
-* ``thresholds`` / ``save_threshold`` – calibrated thresholds (``<stem>.thresholds.json``);
+* ``threshold_for`` / ``save_threshold`` – calibrations (:class:`~.thresholds.Calibration`),
+  kept in ``<stem>.thresholds.json`` (``thresholds``: the records as stored);
 * ``labels()`` – classes from the first folder of each path, when there are any.
 """
 from __future__ import annotations

@@ -12,7 +12,8 @@ vectors for cosine, optionally mean-centred) and answers, scikit-learn style:
   (near-duplicates);
 * ``search(...)`` ``kneighbors`` plus each query's *gate score*, its mean
   uncentred distance to its nearest photos: how far it is from the library as
-  a whole, the score that decides whether anything is similar at all.
+  a whole. This module only measures; whether a score and a distance get an
+  answer is decided in one place, :meth:`~similar_finder.thresholds.Calibration.keep`.
 
 Everything above it (the recommender, threshold calibration, evaluation,
 duplicates) uses this class rather than writing its own loop.
@@ -306,7 +307,8 @@ class Neighbors:
         """``(distances, indices, gate_scores)``: :meth:`kneighbors` plus each query's gate score.
 
         The gate score is the mean distance to the query's ``GATE_NEIGHBOURS``
-        nearest library photos, measured *without* centring. Centring spreads
+        nearest library photos, measured *without* centring (compared with the
+        gate by :meth:`~similar_finder.thresholds.Calibration.keep`). Centring spreads
         out similarities inside one domain, which is good for ranking, but it
         also makes a photo from another domain look no farther than a photo of
         another class; the uncentred distance keeps that difference.

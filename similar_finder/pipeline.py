@@ -1,6 +1,6 @@
 """The whole pipeline: one call from a folder of photos to pictures a person can look at.
 
-    similar-finder run-all [IMAGES_DIR] [--out output/<folder>] [--n-sample 5] [--limit N] [--kind cnn]
+    similar-finder run-all [IMAGES_DIR] [--out output/<folder>] [-n 5] [--limit N] [--kind cnn]
 
 extract features (incremental) → tune and fit the K-Means baseline → calibrate
 the threshold → a recommendation grid per image for both approaches

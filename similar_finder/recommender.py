@@ -46,10 +46,9 @@ from .errors import UsageError, check_choice, check_positive
 from .kinds import get_kind
 from .library import Library, as_library
 from .neighbors import IVF_ABOVE, METRICS, PQ_ABOVE, PQ_BYTES, Neighbors, as_matrix, own_rows
-from .thresholds import NO_RESULTS, Calibration, calibrate_threshold, choose_calibration
+from .thresholds import NO_RESULTS, Calibration, calibrate_threshold, choose_calibration  # NO_RESULTS: also here
 
 log = logging.getLogger(__name__)
-__all__ = ["NO_RESULTS", "Approach", "Recommender", "recommend"]  # NO_RESULTS: its home is .thresholds
 
 
 class Approach(BaseEstimator):

@@ -215,7 +215,7 @@ def test_gem_pooling_is_the_generalised_mean_of_the_last_feature_map(food_db):
 
 def test_an_ensemble_concatenates_unit_length_halves_and_is_recorded_as_one_backbone(tmp_path):
     from similar_finder import extract_features
-    from similar_finder.features import embed_file
+    from similar_finder.embedding import embed_file
     from similar_finder.store import FeaturesError
 
     ensemble = backbones.build_backbone("efficientnet_lite0+efficientnet_lite1", weights=None, input_size=64)

@@ -59,7 +59,7 @@ def test_auto_chooses_the_index_by_size():
     chosen = {n: Neighbors(center=True, pq_bytes=16, **SMALL).fit(data[:n]).index_type_ for n in (1_500, 3_000, 6_000)}
     assert chosen == {1_500: "brute", 3_000: "ivf", 6_000: "ivfpq"}
     # The defaults: brute force far below the limits, as for every library of the other tests.
-    assert Neighbors().index == "auto" and Recommender().fit(data).neighbors.index_type_ == "brute"
+    assert Neighbors().index == "auto" and Recommender().fit(data).neighbors_.index_type_ == "brute"
     assert Neighbors().index_for(nb.IVF_ABOVE) == "brute" and Neighbors().index_for(nb.IVF_ABOVE + 1) == "ivf"
     assert Neighbors().index_for(nb.PQ_ABOVE + 1) == "ivfpq"
     # Metrics FAISS lacks stay exact under auto; asked for explicitly, they are an error.
@@ -135,7 +135,7 @@ def library(tmp_path):
 def test_the_trained_index_is_saved_beside_the_features_and_memory_mapped(library, monkeypatch):
     first = Recommender(**SMALL).fit(library)
     path = library.files.csv.with_suffix(".faiss")
-    assert first.neighbors.index_type_ == "ivf" and not first.neighbors.index_loaded_ and path.is_file()
+    assert first.neighbors_.index_type_ == "ivf" and not first.neighbors_.index_loaded_ and path.is_file()
     stamp = path.stat().st_mtime_ns
 
     def no_training(*args, **kwargs):
@@ -143,8 +143,8 @@ def test_the_trained_index_is_saved_beside_the_features_and_memory_mapped(librar
 
     monkeypatch.setattr(nb, "build_index", no_training)
     second = Recommender(**SMALL).fit(Library(library.files.csv))
-    assert second.neighbors.index_loaded_ and path.stat().st_mtime_ns == stamp
-    lists = faiss.extract_index_ivf(second.neighbors.faiss_index_).invlists
+    assert second.neighbors_.index_loaded_ and path.stat().st_mtime_ns == stamp
+    lists = faiss.extract_index_ivf(second.neighbors_.faiss_index_).invlists
     assert isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)  # mapped, not read
     for a, b in zip(first.kneighbors(None, 5, rows=range(50)), second.kneighbors(None, 5, rows=range(50))):
         np.testing.assert_array_equal(a, b)
@@ -165,8 +165,8 @@ def test_a_changed_library_rebuilds_its_index(library, tmp_path, monkeypatch):
     built = []
     monkeypatch.setattr(nb, "build_index", lambda *a, build=nb.build_index: built.append(1) or build(*a))
     model = Recommender(**SMALL).fit(grown)
-    assert built and not model.neighbors.index_loaded_ and model.neighbors.faiss_index_.ntotal == 3_001
-    assert Recommender(**SMALL).fit(grown).neighbors.index_loaded_ and len(built) == 1
+    assert built and not model.neighbors_.index_loaded_ and model.neighbors_.faiss_index_.ntotal == 3_001
+    assert Recommender(**SMALL).fit(grown).neighbors_.index_loaded_ and len(built) == 1
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "no key"])
@@ -182,6 +182,6 @@ def test_a_damaged_index_file_is_rebuilt_with_a_warning(library, damage, caplog)
         path.with_name(path.name + ".json").unlink()
     with caplog.at_level("WARNING", logger="similar_finder"):
         model = Recommender(**SMALL).fit(library)
-    assert not model.neighbors.index_loaded_ and "rebuilding it" in caplog.text
+    assert not model.neighbors_.index_loaded_ and "rebuilding it" in caplog.text
     np.testing.assert_array_equal(model.kneighbors(None, 5, rows=range(20))[1], reference[1])
-    assert path.stat().st_size == size and Recommender(**SMALL).fit(library).neighbors.index_loaded_
+    assert path.stat().st_size == size and Recommender(**SMALL).fit(library).neighbors_.index_loaded_

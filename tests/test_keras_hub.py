@@ -95,7 +95,7 @@ def test_clip_and_siglip_pool_the_way_they_were_trained(presets):
 
 def test_extraction_records_the_preset_and_refuses_to_mix_poolings(presets, tmp_path):
     from similar_finder import extract_features
-    from similar_finder.features import embed_file
+    from similar_finder.embedding import embed_file
     from similar_finder.store import FeaturesError
 
     folder = str(presets / "dino")
