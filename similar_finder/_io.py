@@ -1,4 +1,4 @@
-"""Atomic file writing and the default locations.
+"""Atomic file writing and the defaults a command starts from (folders, files, the K range).
 
 Every file the project writes goes through :func:`atomic_write`: the data lands
 in a temporary file beside the target and is renamed over it only once
@@ -23,6 +23,11 @@ DATA_DIR = Path("data")
 MODELS_DIR = Path("models")
 OUTPUT_DIR = Path("output")
 DEFAULT_FEATURES = DATA_DIR / "features.csv"
+DEFAULT_MODEL = MODELS_DIR / "kmeans.joblib"  # the K-Means baseline
+DEFAULT_CLUSTERS = DATA_DIR / "clusters.csv"
+# The k the K-Means baseline tries by silhouette. Here, not in .clustering, so that `--help` shows it
+# without importing scikit-learn.
+DEFAULT_K_RANGE = range(2, 11)
 
 _UMASK_LOCK = threading.Lock()
 

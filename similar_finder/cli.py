@@ -28,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ._io import DEFAULT_FEATURES, OUTPUT_DIR
+from ._io import DEFAULT_CLUSTERS, DEFAULT_FEATURES, DEFAULT_K_RANGE, DEFAULT_MODEL, OUTPUT_DIR
 from ._quiet import install as quiet_tensorflow
 from .backbones import (DEFAULT_BACKBONE, GEM_P, OFFLINE_BACKBONE, POOLINGS, REGISTRY, TOKEN_POOLINGS, sizes_help,
                         weights_value)
@@ -278,7 +278,6 @@ class _ClustersOrOldFile(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .clustering import DEFAULT_CLUSTERS, DEFAULT_K_RANGE, DEFAULT_MODEL
     from .descriptors import DUPLICATE_BITS, HASH_KINDS
 
     parser = argparse.ArgumentParser(prog=PROG, description="Find visually similar images with pretrained CNN "

@@ -23,7 +23,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from ._io import DATA_DIR, DEFAULT_FEATURES, MODELS_DIR, atomic_write, write_csv
+from ._io import DEFAULT_CLUSTERS, DEFAULT_FEATURES, DEFAULT_K_RANGE, DEFAULT_MODEL, atomic_write, write_csv
 from .errors import SimilarFinderError, UsageError, check_choice, check_positive
 from .library import Library, as_library
 from .neighbors import l2_normalize, own_rows
@@ -31,9 +31,6 @@ from .recommender import Approach
 from .thresholds import Calibration
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = MODELS_DIR / "kmeans.joblib"
-DEFAULT_CLUSTERS = DATA_DIR / "clusters.csv"
-DEFAULT_K_RANGE = range(2, 11)
 SILHOUETTE_SAMPLE = 5_000  # above this many vectors the silhouette is estimated on a sample
 MINIBATCH_ABOVE = 20_000  # above this many vectors MiniBatchKMeans replaces KMeans
 CHUNK_ROWS = 65_536  # rows normalised at a time by MiniBatchKMeans' feeding

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import DATA_DIR, OUTPUT_DIR, atomic_write, read_json, write_csv, write_json
+from ._io import DATA_DIR, DEFAULT_K_RANGE, OUTPUT_DIR, atomic_write, read_json, write_csv, write_json
 from .adapt.pipeline import compare_adapted, fine_tuning_inputs
 from .adapt.training import class_split, stratified_split
 from .backbones import BackboneError, weights_value
-from .clustering import DEFAULT_K_RANGE, ClusterRecommender, KMeansBaseline, clip_k_range
+from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range
 from .features import extract_features
 from .kinds import get_kind
 from .library import Library

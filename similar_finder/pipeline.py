@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
 
-from ._io import OUTPUT_DIR
-from .clustering import DEFAULT_K_RANGE, ClusterRecommender, KMeansBaseline, clip_k_range, fit_baseline
+from ._io import DEFAULT_K_RANGE, OUTPUT_DIR
+from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range, fit_baseline
 from .demo import ensure_demo_library
 from .errors import MissingError, UsageError, check_positive
 from .evaluate import Evaluation, evaluate_features
@@ -126,7 +126,7 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
     with step("recommendation grids"):
         approaches = {"cosine" if kind == "cnn" else kind: recommender,
                       "kmeans": ClusterRecommender(kmeans).fit(library)}
-        titles = {name: f"{kind.upper()} nearest neighbours, {recommender.metric} (thresholded)"
+        titles = {name: f"{kind.upper()} nearest neighbours, {recommender.metric_} (thresholded)"
                   for name in approaches if name != "kmeans"}
         chosen = sample_rows(len(library), limit, even=True)
         answers = {name: approach.search(None, n_sample, rows=chosen) for name, approach in approaches.items()}

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ._io import atomic_write
+from ._io import DEFAULT_K_RANGE, atomic_write
 from .errors import MissingError, SimilarFinderError, UsageError, check_choice
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
-from .clustering import DEFAULT_K_RANGE, ClusterRecommender, KMeansBaseline, clip_k_range
+from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range
 from .descriptors import DUPLICATE_BITS, duplicate_groups
 from .features import extract_features
 from .library import Library
