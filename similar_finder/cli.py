@@ -250,11 +250,12 @@ def _projector(args) -> None:
 def _run_all(args) -> None:
     from .pipeline import run_all
 
+    maps = [m for m in args.maps.split(",") if m]
     summary = run_all(args.images_dir, out=args.out, n_sample=args.results, limit=args.limit, kind=args.kind,
-                      progress=not args.quiet, **_backbone_kwargs(args))
+                      maps=maps, progress=not args.quiet, **_backbone_kwargs(args))
     print(f"\nreport: {summary.report} (and report.md)")
     print(f"grids:  {summary.out / 'rec'}/{summary.approach} and /kmeans ({summary.grids} each)")
-    print(f"plots:  tsne.png, umap.png, silhouette.png, distances.png in {summary.out}")
+    print(f"plots:  {', '.join(f'{m}.png' for m in maps)}, silhouette.png, distances.png in {summary.out}")
 
 
 def _app(args) -> None:
@@ -262,7 +263,7 @@ def _app(args) -> None:
 
     serve(args.images_dir, features_file=args.features_file, host=args.host, port=args.port,
           originals=args.originals, open_browser=args.open, max_upload_mb=args.max_upload_mb,
-          progress=not args.quiet, **_backbone_kwargs(args))
+          max_upload_mp=args.max_upload_mp, progress=not args.quiet, **_backbone_kwargs(args))
 
 
 class _ClustersOrOldFile(argparse.Action):
@@ -417,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_option(p)
     _renamed(p, "--n-sample", _results(p, "recommendations per image"))
     p.add_argument("--limit", type=int, default=None, help="draw grids for an even sample of N images")
+    p.add_argument("--maps", default="tsne", metavar="METHOD[,METHOD]",
+                   help="2-D maps to draw: tsne, umap or tsne,umap (default: %(default)s; UMAP compiles its code "
+                        "for half a minute in every run)")
     _kind(p)
     _quiet(p)
     p.set_defaults(run=_run_all)
@@ -437,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the same relative paths in full resolution, for the large view and downloads")
     p.add_argument("--open", action="store_true", help="open the page in the browser")
     p.add_argument("--max-upload-mb", type=float, default=25, help="largest photo accepted (default: %(default)s)")
+    p.add_argument("--max-upload-mp", type=float, default=50,
+                   help="most megapixels an uploaded photo may have; larger ones are refused before they are "
+                        "decoded (default: %(default)s)")
     _backbone_options(p)
     _adapter_option(p)
     _quiet(p)

@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
+from tqdm import tqdm
 
 from ._io import DEFAULT_K_RANGE, OUTPUT_DIR
 from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range, fit_baseline
 from .demo import ensure_demo_library
-from .errors import MissingError, UsageError, check_positive
+from .errors import MissingError, UsageError, check_choice, check_positive
 from .evaluate import Evaluation, evaluate_features
 from .features import extract_features
 from .kinds import get_kind
 from .library import Library
 from .neighbors import sample_rows
-from .plots import distance_histogram, recommendation_grid, save_figure, silhouette_curve, threshold_tradeoff, tsne_map
+from .plots import (distance_histogram, recommendation_grid, save_figure, save_grid, silhouette_curve,
+                    threshold_tradeoff, tsne_map)
 from .recommender import Recommender
 from .reduce import tsne_embedding, umap_embedding
 from .report import Report
@@ -39,6 +41,10 @@ from .report import Report
 log = logging.getLogger(__name__)
 TSNE_MAX = 5_000  # t-SNE above this many images runs on an even sample of them
 REPORT_INLINE_GRIDS = 12  # grids shown in the report; the rest are in rec/
+GRID_CHUNK = 64  # photos whose grids one worker draws at a time
+MAPS = ("tsne", "umap")
+DEFAULT_MAPS = ("tsne",)
+GRID_SUFFIX = ".jpg"  # grids are photos: JPEG writes them in 2 ms, PNG in 50-90 ms
 
 
 @dataclass
@@ -65,27 +71,61 @@ class RunSummary:
 
 
 def _grid_name(path: str) -> str:
-    return path.replace("/", "__").rsplit(".", 1)[0] + ".png"
+    return path.replace("/", "__").rsplit(".", 1)[0] + GRID_SUFFIX
 
 
-def _draw_grids(query, results, titles, root, query_label, folder, name) -> None:
-    for approach, frame in results.items():
-        fig = recommendation_grid(query, frame, root, title=titles[approach], query_label=query_label,
-                                  classes=query_label is not None)
-        save_figure(fig, folder / approach / name, dpi=72)
+def _draw_grids(tasks) -> int:
+    """Draw a chunk of photos' grids in one worker (its thumbnail cache serves the whole chunk)."""
+    for query, results, titles, root, query_label, folder, name in tasks:
+        for approach, frame in results.items():
+            save_grid(recommendation_grid(query, frame, root, title=titles[approach], query_label=query_label,
+                                          classes=query_label is not None), folder / approach / name)
+    return len(tasks)
+
+
+def draw_grids(library: Library, approaches: dict, rows, folder: Path, *, n_sample: int = 5, labels=None,
+               progress: bool = True) -> int:
+    """A grid per photo of ``rows`` and approach (``{name: fitted approach}``, one of them ``"kmeans"``), into
+    ``folder/<name>/``; returns how many photos the first approach answered "No similar images found"."""
+    titles = {name: f"{approach.kind_.upper()} nearest neighbours, {approach.metric_} (thresholded)"
+              for name, approach in approaches.items() if name != "kmeans"}
+    answers = {name: approach.search(None, n_sample, rows=rows) for name, approach in approaches.items()}
+    tasks, empty = [], 0
+    for position, row in enumerate(rows):
+        results = {}
+        for name, approach in approaches.items():
+            distances, indices, gates = answers[name]
+            results[name] = approach.answer(distances[position], indices[position],
+                                            None if gates is None else gates[position])
+        empty += results[next(iter(approaches))].empty
+        cluster = approaches["kmeans"].labels_[row]
+        tasks.append((library.root / library.paths[row], results,
+                      {**titles, "kmeans": f"K-Means baseline, cluster {cluster}"}, library.root,
+                      None if labels is None else labels[row], folder, _grid_name(library.paths[row])))
+    # One process per core, each drawing chunks of photos (fewer hand-overs, more thumbnail cache hits).
+    chunks = [tasks[i:i + GRID_CHUNK] for i in range(0, len(tasks), GRID_CHUNK)]
+    drawn = Parallel(n_jobs=-1 if len(tasks) > GRID_CHUNK else 1,
+                     return_as="generator_unordered")(delayed(_draw_grids)(chunk) for chunk in chunks)
+    with tqdm(total=len(tasks), desc="grids", unit="img", disable=not progress) as bar:
+        for count in drawn:
+            bar.update(count)
+    return int(empty)
 
 
 def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample: int = 5,
-            limit: int | None = None, kind: str = "cnn", progress: bool = True, **extract_kwargs) -> RunSummary:
+            limit: int | None = None, kind: str = "cnn", maps=DEFAULT_MAPS, progress: bool = True,
+            **extract_kwargs) -> RunSummary:
     """Run the whole pipeline on ``images_dir`` and write everything under ``out``.
 
     ``kind`` is what the nearest-neighbour recommender compares: CNN features
     (``"cnn"``, cosine, the default) or another kind (``"color"``, ``"phash"``,
-    ``"pca"``, ...); the K-Means baseline always uses CNN features.
+    ``"pca"``, ...); the K-Means baseline always uses CNN features. ``maps``:
+    which 2-D maps to draw, ``"tsne"`` (default) and/or ``"umap"`` (its numba
+    code compiles for 25-45 s in every new process, most of it uncacheable:
+    so only when asked for).
     """
-    from tqdm import tqdm
-
     check_positive("n_sample", n_sample)
+    maps = [check_choice("map", m, MAPS) for m in ([maps] if isinstance(maps, str) else maps)]
     get_kind(kind)  # a clear error before any work
     images_dir = Path(images_dir) if images_dir is not None else ensure_demo_library()
     if not images_dir.is_dir():
@@ -126,36 +166,21 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
     with step("recommendation grids"):
         approaches = {"cosine" if kind == "cnn" else kind: recommender,
                       "kmeans": ClusterRecommender(kmeans).fit(library)}
-        titles = {name: f"{kind.upper()} nearest neighbours, {recommender.metric_} (thresholded)"
-                  for name in approaches if name != "kmeans"}
         chosen = sample_rows(len(library), limit, even=True)
-        answers = {name: approach.search(None, n_sample, rows=chosen) for name, approach in approaches.items()}
-        tasks, empty = [], 0
-        for position, row in enumerate(chosen):
-            results = {}
-            for name, approach in approaches.items():
-                distances, indices, gates = answers[name]
-                results[name] = approach.answer(distances[position], indices[position],
-                                                None if gates is None else gates[position])
-            empty += results[next(iter(approaches))].empty
-            cluster = approaches["kmeans"].labels_[row]
-            tasks.append((library.root / library.paths[row], results,
-                          {**titles, "kmeans": f"K-Means baseline, cluster {cluster}"}, library.root,
-                          None if labels is None else labels[row], out / "rec", _grid_name(library.paths[row])))
-        # Drawing is the slow part (a few figures per second): one process per core.
-        drawn = Parallel(n_jobs=-1, return_as="generator_unordered")(delayed(_draw_grids)(*t) for t in tasks)
-        for _ in tqdm(drawn, total=len(tasks), desc="grids", unit="img", disable=not progress):
-            pass
+        empty = draw_grids(library, approaches, chosen, out / "rec", n_sample=n_sample, labels=labels,
+                           progress=progress)
 
-    with step("t-SNE and UMAP maps"):
+    with step("maps"):
         sample = sample_rows(len(library), TSNE_MAX, even=True)
         matrix = library.matrix[sample]
         colours = {"K-Means cluster": kmeans.labels_[sample]}
         if labels is not None:
             colours["class"] = labels[sample]
-        save_figure(tsne_map(tsne_embedding(matrix), colours, paths=[library.paths[i] for i in sample],
-                             images_root=library.root, thumbnails=min(40, len(sample))), out / "tsne.png")
-        save_figure(tsne_map(umap_embedding(matrix), colours, method="UMAP"), out / "umap.png")
+        if "tsne" in maps:
+            save_figure(tsne_map(tsne_embedding(matrix), colours, paths=[library.paths[i] for i in sample],
+                                 images_root=library.root, thumbnails=min(40, len(sample))), out / "tsne.png")
+        if "umap" in maps:
+            save_figure(tsne_map(umap_embedding(matrix), colours, method="UMAP"), out / "umap.png")
 
     evaluation = None
     if labels is not None:
@@ -203,7 +228,7 @@ def build_report(s: RunSummary) -> Report:
         report.table(s.skipped)
     else:
         report.text("None.")
-    grids = sorted((s.out / "rec" / s.approach).glob("*.png"))
+    grids = sorted((s.out / "rec" / s.approach).glob(f"*{GRID_SUFFIX}"))
     report.heading(f"Recommendation grids (first {min(len(grids), REPORT_INLINE_GRIDS)} of {len(grids)})")
     for grid in grids[:REPORT_INLINE_GRIDS]:
         report.image(f"rec/{s.approach}/{grid.name}", grid.stem).image(f"rec/kmeans/{grid.name}", grid.stem)

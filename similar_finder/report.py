@@ -101,6 +101,7 @@ def _html_table(frame: pd.DataFrame, index: bool, floatfmt) -> str:
 
 
 def embedded_image(path: Path, alt: str = "") -> str:
-    """An ``<img>`` carrying a PNG in a data URI."""
+    """An ``<img>`` carrying a PNG or JPEG in a data URI."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+    kind = "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png"
+    return f'<img src="data:image/{kind};base64,{data}" alt="{html.escape(alt)}">'

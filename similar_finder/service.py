@@ -16,19 +16,23 @@ only by :meth:`add_photo`, on request.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import joblib
 import numpy as np
 from PIL import Image, ImageOps
 
 from ._io import DEFAULT_K_RANGE, atomic_write
 from .errors import MissingError, SimilarFinderError, UsageError, check_choice
-from .images import IMAGE_EXTENSIONS, ImageError, load_image
+from .images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, load_image
+from .kinds import describe_many
 from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range
 from .descriptors import DUPLICATE_BITS, duplicate_groups
 from .features import extract_features
@@ -46,12 +50,23 @@ APPROACHES = {
     "color": "colour histogram",
     "duplicates": "near-duplicates (perceptual hash)",
 }
+PER_PHOTO = {"color": "color", "duplicates": "phash"}  # approaches described from each photo's pixels, by kind
 APP_IVF_ABOVE = 50_000  # the app's cosine search uses an IVF index from this many photos
 THUMB_SIZE = 256
 DISPLAY_SIZE = 1600  # large view of formats a browser cannot show (TIFF)
 MAP_MAX = 3_000  # t-SNE of more photos takes over a minute on two cores: an even sample then
 BROWSER_FORMATS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
+BROWSER_TYPES = {"image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"}  # served as they are
 DEFAULT_MAX_UPLOAD = 25 * 1024 * 1024
+# An upload's pixels, well below PIL's bomb cap (MAX_PIXELS, ~89 MP): a 50 MP photo decodes in about a second and
+# 150 MB; the bytes cap alone lets a 280 kB PNG of 88 MP through (3 s, 300 MB).
+DEFAULT_MAX_UPLOAD_MP = 50.0
+# Uploads decoded at once: one per core (decoding is CPU-bound), at most 4 (each may hold ~300 MB at the budget).
+DECODE_SLOTS = max(1, min(os.cpu_count() or 1, 4))
+DECODE_WAIT_S = 15.0  # how long an upload waits for a slot before it is told to come back (503)
+MAX_NAME = 200  # characters of an uploaded file's name: the stored name adds 9, and a file system allows 255 bytes
+MAX_FOLDER = 240  # characters of the folder an upload is added to (each part at most MAX_NAME)
+MAX_ID_DIGITS = 12  # an image_id longer than this names no photo (and is never turned into a huge int)
 
 
 class NotFound(SimilarFinderError, LookupError):
@@ -63,7 +78,23 @@ class UploadError(SimilarFinderError, ValueError):
 
 
 class UploadTooLarge(UploadError):
-    """An upload over the size cap."""
+    """An upload over the size cap or the pixel budget."""
+
+
+class Busy(SimilarFinderError):
+    """Every decoding slot is taken: the request should come back in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Computing(SimilarFinderError):
+    """A value being computed in the background; ask again in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 2):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -74,6 +105,7 @@ class Answer:
     results: list[dict]
     refused: bool = False  # the gate said the query is unlike the whole library
     query: dict | None = None  # the library photo asked about
+    note: str | None = None  # photos left out of this answer (files gone or damaged since the extraction)
 
     @property
     def message(self) -> str | None:
@@ -101,8 +133,12 @@ class _Batcher:
     an answer never depends on what others asked at the same time.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, left_out: dict[str, str] | None = None, model_row: dict[int, int] | None = None):
         self.model = model
+        # Photos (path: why) the model was fitted without, their files gone or damaged; the model then numbers
+        # the other photos in their own order: model_row maps a library row to its row in the model.
+        self.left_out = left_out or {}
+        self.model_row = model_row
         self._lock = threading.Lock()
         self._pending: list[dict] = []
         self._leading = False
@@ -165,12 +201,20 @@ class LibraryService:
     """Answers for the app: browsing, similar photos, search by upload, map, duplicates, files."""
 
     def __init__(self, library: Library, *, originals: str | os.PathLike | None = None,
-                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD, extract_kwargs: dict | None = None):
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_upload_mp: float = DEFAULT_MAX_UPLOAD_MP,
+                 decode_slots: int = DECODE_SLOTS, decode_wait_s: float = DECODE_WAIT_S,
+                 extract_kwargs: dict | None = None):
         self.library = library
         self.originals = Path(originals).expanduser().resolve() if originals else None
         if self.originals is not None and not self.originals.is_dir():
             raise MissingError(f"originals folder {originals} does not exist or is not a folder")
         self.max_upload_bytes = int(max_upload_bytes)
+        if not 0 < max_upload_mp <= MAX_PIXELS / 1e6:
+            raise UsageError(f"the upload pixel budget must be above 0 and at most PIL's cap of "
+                             f"{MAX_PIXELS / 1e6:.0f} MP, not {max_upload_mp}")
+        self.max_upload_pixels = int(max_upload_mp * 1e6)
+        self._decoding = threading.BoundedSemaphore(max(1, int(decode_slots)))
+        self.decode_wait_s = float(decode_wait_s)
         self.extract_kwargs = extract_kwargs or {}
         self.catalog = library.catalog()
         self._approaches: dict[str, _Batcher] = {}
@@ -188,6 +232,7 @@ class LibraryService:
             "features_file": str(self.library.files.csv), "images_root": str(self.library.root),
             "folders": self.catalog.folders(), "approaches": APPROACHES,
             "originals": self.originals is not None, "max_upload_mb": self.max_upload_bytes / 2**20,
+            "max_upload_mp": self.max_upload_pixels / 1e6,
         }
 
     def images(self, **query) -> dict:
@@ -196,10 +241,12 @@ class LibraryService:
 
     def photo(self, image_id) -> dict:
         """The catalog row of ``image_id``; :class:`NotFound` for anything that is not a library row."""
-        try:
-            row = int(str(image_id))
-        except ValueError:
-            raise NotFound(f"no photo {image_id!r} in this library") from None
+        text = str(image_id)
+        # Only the plain spelling names a photo: int() would also take "+1", " 1", "1_0", "٣" (aliases of others).
+        canonical = text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and (text == "0" or text[0] != "0")
+        if isinstance(image_id, bool) or not canonical:
+            raise NotFound(f"no photo {image_id!r} in this library (an image_id is a row number: 0, 1, 2, ...)")
+        row = int(text)
         if not 0 <= row < len(self.library):
             raise NotFound(f"no photo {image_id!r} in this library")
         photo = self.catalog.get(row)
@@ -225,7 +272,51 @@ class LibraryService:
 
     def _batcher(self, name: str) -> _Batcher:
         check_choice("approach", name, APPROACHES)
-        return self._once(self._approaches, name, lambda: _Batcher(self._fit(name)))
+        return self._once(self._approaches, name, lambda: self._fitted(name))
+
+    def _fitted(self, name: str) -> _Batcher:
+        try:
+            return _Batcher(self._fit(name))
+        except ImageError:
+            if name not in PER_PHOTO:
+                raise
+        # A photo deleted or damaged since the extraction has no colour or hash: the approach is fitted on the
+        # others, and says which it left out, instead of failing for the whole library.
+        rows, vectors, left_out = self._readable(PER_PHOTO[name])
+        if len(rows) < 2:
+            raise UsageError(f"only {len(rows)} of the library's photos can still be read; run the extraction again")
+        paths = [self.library.paths[r] for r in rows]
+        if name == "color":
+            model = Recommender(kind="color").fit(vectors, paths)
+        else:
+            model = Recommender(kind="phash", threshold=DUPLICATE_BITS + 0.5, gate=np.inf).fit(vectors, paths)
+        return _Batcher(model, left_out=left_out, model_row={r: i for i, r in enumerate(rows)})
+
+    def _readable(self, kind: str) -> tuple[list[int], np.ndarray, dict[str, str]]:
+        """The rows whose photo can still be described as ``kind``, their vectors, and the others with why."""
+        library = self.library
+        cache_file = library.files.cache(f"photos-{kind}")
+        cached = joblib.load(cache_file) if cache_file.is_file() else {}
+        shas = library.shas()
+        rows, vectors, left_out, todo = [], {}, {}, []
+        for row, (path, sha) in enumerate(zip(library.paths, shas)):
+            if not (library.root / path).is_file():
+                left_out[path] = "its file is gone"
+            elif sha in cached:
+                vectors[row] = cached[sha]
+            else:
+                todo.append(row)
+        for row, described in zip(todo, describe_many(library.root, [library.paths[r] for r in todo], [kind])):
+            if described is None:
+                left_out[library.paths[row]] = "it can no longer be decoded"
+            else:
+                vectors[row] = described[0]
+        rows = sorted(vectors)
+        matrix = np.stack([vectors[r] for r in rows]).astype(np.float32) if rows else np.zeros((0, 1), np.float32)
+        if left_out:
+            log.warning("%d photos left out of %s (gone or damaged since the extraction): %s", len(left_out), kind,
+                        ", ".join(list(left_out)[:5]))
+        return rows, matrix, left_out
 
     def _fit(self, name: str):
         library = self.library
@@ -258,35 +349,94 @@ class LibraryService:
         """The photos most similar to a library photo (never itself)."""
         photo = self.photo(image_id)
         batcher = self._batcher(approach)
-        answer = self._answer(approach, batcher.model, *batcher(n, row=photo["image_id"]))
+        row = photo["image_id"] if batcher.model_row is None else batcher.model_row.get(photo["image_id"])
+        if row is None:
+            raise NotFound(f"photo {image_id} ({photo['path']}) has no {APPROACHES[approach]}: "
+                           f"{batcher.left_out.get(photo['path'], 'it cannot be read')}; run the extraction again")
+        answer = self._answer(approach, batcher, *batcher(n, row=row))
         answer.query = {k: photo[k] for k in ("image_id", "path", "folder", "width", "height")}
         return answer
 
     def search(self, data: bytes, n: int = 5, approach: str = "cosine", *, filename: str = "upload") -> Answer:
         """The library photos most similar to an uploaded photo, which is not kept."""
-        self.check_upload(data, filename)
-        batcher = self._batcher(approach)
-        vector = self._describe(data, batcher.model.kind, filename)
-        return self._answer(approach, batcher.model, *batcher(n, vector=vector))
+        with self.decoding(filename):
+            data = self.check_upload(data, filename)
+        batcher = self._batcher(approach)  # fitting an approach is no decoding: it holds no slot
+        with self.decoding(filename):
+            vector = self._describe(data, batcher.model.kind, filename)
+        return self._answer(approach, batcher, *batcher(n, vector=vector))
 
-    def _answer(self, name, model, distances, indices, gates) -> Answer:
+    def _answer(self, name, batcher: _Batcher, distances, indices, gates) -> Answer:
+        model = batcher.model
         frame = model.answer(distances[0], indices[0], None if gates is None else gates[0])
-        row_of = self.library.row_of
-        results = [{"image_id": row_of[rec["path"]], "path": rec["path"], "distance": round(float(rec["distance"]), 6),
-                    **({"cluster": int(rec["cluster"])} if "cluster" in rec else {})}
-                   for rec in frame.to_dict("records")]
+        row_of, root = self.library.row_of, self.library.root
+        results, gone = [], dict(batcher.left_out)
+        for rec in frame.to_dict("records"):
+            if not (root / rec["path"]).is_file():  # deleted since the extraction: it drops out, said in the note
+                gone[rec["path"]] = "its file is gone"
+                continue
+            results.append({"image_id": row_of[rec["path"]], "path": rec["path"],
+                            "distance": round(float(rec["distance"]), 6),
+                            **({"cluster": int(rec["cluster"])} if "cluster" in rec else {})})
         refused = bool(gates is not None and not model.calibration_.admits(gates[0]))  # why it is empty
-        return Answer(name, results, refused)
+        return Answer(name, results, refused, note=_left_out_note(gone))
 
-    def check_upload(self, data: bytes, filename: str = "upload") -> None:
-        """An :class:`UploadError` saying why ``data`` cannot be a query (too large, empty, not an image)."""
+    def decoding(self, filename: str = "upload"):
+        """A decoding slot for one upload's work (a context manager); :class:`Busy` if none frees up in time.
+
+        Decoding is CPU-bound and each decode may hold a few hundred MB at the pixel budget, so at most
+        ``decode_slots`` uploads decode at once, whatever the number of server threads.
+        """
+        slots = self._decoding
+
+        class _Slot:
+            def __enter__(slot):
+                if not slots.acquire(timeout=self.decode_wait_s):
+                    raise Busy(f"{filename} was not decoded: the server is decoding other uploads; "
+                               f"try again in a few seconds", retry_after=max(1, round(self.decode_wait_s / 3)))
+
+            def __exit__(slot, *exc):
+                slots.release()
+
+        return _Slot()
+
+    def check_upload(self, data: bytes, filename: str = "upload") -> bytes:
+        """The bytes to use for an upload (its first frame, if animated), or an :class:`UploadError` saying why
+        ``data`` cannot be a query (too large, too many pixels, empty, not an image). Call it inside
+        :meth:`decoding`.
+        """
         if len(data) > self.max_upload_bytes:
             raise UploadTooLarge(f"{filename} is {len(data) / 2**20:.1f} MB, over the limit of "
                                  f"{self.max_upload_bytes / 2**20:.0f} MB")
+        if not data:
+            raise UploadError(f"{filename} cannot be used: empty file (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below is lower
+                with Image.open(io.BytesIO(data)) as img:  # reads the header only: size and format
+                    width, height = img.size
+                    if width * height > self.max_upload_pixels:
+                        raise UploadTooLarge(
+                            f"{filename} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+                            f"upload limit of {self.max_upload_pixels / 1e6:g} MP (--max-upload-mp)")
+                    if getattr(img, "is_animated", False):
+                        # Only the first frame is used: counting or decoding 200,000 frames costs seconds.
+                        img.seek(0)
+                        out = io.BytesIO()
+                        img.save(out, "PNG")  # lossless, palette and transparency kept: decoded as the frame
+                        data = out.getvalue()
+        except UploadError:
+            raise
+        except Image.DecompressionBombError:
+            raise UploadTooLarge(f"{filename} is a decompression bomb: over PIL's cap of {MAX_PIXELS} pixels, "
+                                 f"and the upload limit of {self.max_upload_pixels / 1e6:g} MP") from None
+        except Exception:  # noqa: BLE001 - not an image PIL knows, or a broken header: load_image says which
+            pass
         try:
             load_image(data, 32)  # cheap: JPEGs decode in draft mode; bombs and bad files say why
         except ImageError as exc:
             raise UploadError(f"{filename} cannot be used: {exc}") from None
+        return data
 
     def _describe(self, data: bytes, kind: str, filename: str) -> np.ndarray:
         # The query goes through the library's own code path for new photos, from a private temp file.
@@ -305,10 +455,15 @@ class LibraryService:
 
         On any failure the file this call wrote is removed again: a photo is added whole or not at all.
         """
-        self.check_upload(data, filename)
+        if len(filename) > MAX_NAME:
+            raise UploadError(f"the file name is {len(filename)} characters long; rename the photo to at most "
+                              f"{MAX_NAME} characters")
+        parts = Path(folder).parts
+        if len(folder) > MAX_FOLDER or any(len(p) > MAX_NAME for p in parts):
+            raise UploadError(f"the folder name is {len(folder)} characters long; give at most {MAX_FOLDER} "
+                              f"characters, at most {MAX_NAME} for each part")
         name = Path(filename).name
         stem, suffix = Path(name).stem, Path(name).suffix.lower()
-        parts = Path(folder).parts
         hidden = any(p.startswith(".") for p in parts) or stem.startswith(".")  # extraction skips dot-names
         if suffix not in IMAGE_EXTENSIONS or not stem or hidden or "\0" in folder + filename or \
                 any(c in folder for c in "\\:") or ".." in parts or Path(folder).is_absolute() or not parts:
@@ -320,12 +475,24 @@ class LibraryService:
         # resolve() follows every link in the part of the folder that exists: a link leading out is seen here.
         if not target.parent.resolve().is_relative_to(root):
             raise UploadError(f"{folder} leads outside the library; choose a plain folder name")
+        for above in (root / folder, *(root / folder).parents):
+            if above == root:
+                break
+            if above.exists() and not above.is_dir():
+                raise UploadError(f"{above.relative_to(root).as_posix()} is a file in the library, not a folder; "
+                                  f"choose another folder name")
+        with self.decoding(filename):
+            self.check_upload(data, filename)  # the file kept is the one sent, animated or not
         with self._build, self._model:
             created = not target.is_file()
             try:
                 if created:
-                    with atomic_write(target, "wb") as handle:
-                        handle.write(data)
+                    try:
+                        with atomic_write(target, "wb") as handle:
+                            handle.write(data)
+                    except OSError as exc:  # a name the file system refuses, a full disk, no permission
+                        raise UploadError(f"{filename} cannot be saved in {folder}: {exc.strerror or exc}; "
+                                          f"choose a shorter or plainer name") from None
                 cfg = self.library.config or {}
                 library = extract_features(self.library.root, self.library.files.csv, None, progress=False,
                                            adapter=(cfg.get("adapter") or {}).get("path"), **self.extract_kwargs)
@@ -343,32 +510,57 @@ class LibraryService:
 
     # --- map and duplicates -------------------------------------------------------------
 
-    def map(self, method: str = "tsne") -> dict:
-        """The library's 2-D map (t-SNE or UMAP) in [0, 1]², of an even sample above :data:`MAP_MAX` photos."""
+    def map(self, method: str = "tsne", *, wait: bool = False) -> dict:
+        """The library's 2-D map (t-SNE or UMAP) in [0, 1]², of an even sample above :data:`MAP_MAX` photos.
+
+        A map not yet computed is computed in a background thread (t-SNE or UMAP take 20-30 s on two cores, which
+        no request should wait for): until it is ready this raises :class:`Computing`, unless ``wait``.
+        """
         check_choice("map method", method, ("tsne", "umap"))
         key = f"map-{method}"
-        rows, points = self._once(self._derived, key,
-                                  lambda: self.library.cached(f"{key}-{MAP_MAX}", lambda: self._compute_map(method)))
-        paths = self.library.paths
+        library, derived = self.library, self._derived
+        with self._build:
+            job = derived.get(key)
+            if job is None:
+                job = derived[key] = _Job(lambda: library.cached(f"{key}-{MAP_MAX}",
+                                                                 lambda: self._compute_map(library, method)))
+        rows, points = job.result(wait)
+        paths = library.paths
         return {"method": {"tsne": "t-SNE", "umap": "UMAP"}[method], "total": len(paths), "shown": len(rows),
                 "sampled": len(rows) < len(paths),
                 "points": [{"image_id": int(r), "path": paths[r], "x": round(float(x), 5), "y": round(float(y), 5)}
                            for r, (x, y) in zip(rows, points)]}
 
-    def _compute_map(self, method: str):
-        rows = sample_rows(len(self.library), MAP_MAX, even=True)
+    @staticmethod
+    def _compute_map(library: Library, method: str):
+        rows = sample_rows(len(library), MAP_MAX, even=True)
         if len(rows) < 5:
             raise UsageError(f"a map needs at least 5 photos, the library has {len(rows)}")
-        points = (tsne_embedding if method == "tsne" else umap_embedding)(self.library.matrix[rows])
+        points = (tsne_embedding if method == "tsne" else umap_embedding)(library.matrix[rows])
         low, high = points.min(axis=0), points.max(axis=0)
         return rows, (points - low) / np.maximum(high - low, 1e-12)
 
-    def duplicates(self, max_distance: int = DUPLICATE_BITS) -> list[list[dict]]:
-        """Groups of near-identical photos (perceptual hash), largest first."""
-        groups = self._once(self._derived, f"duplicates-{max_distance}", lambda: duplicate_groups(
-            self.library.vectors("phash"), max_distance, self.library.paths))
-        paths = self.library.paths
-        return [[{"image_id": int(r), "path": paths[r]} for r in group] for group in groups]
+    def duplicates(self, max_distance: int = DUPLICATE_BITS) -> dict:
+        """Groups of near-identical photos (perceptual hash), largest first, and which photos are left out."""
+        groups, left_out = self._once(self._derived, f"duplicates-{max_distance}",
+                                      lambda: self._duplicate_groups(max_distance))
+        paths, root, gone = self.library.paths, self.library.root, dict(left_out)
+        kept = []
+        for group in groups:  # a photo deleted since leaves its group (and a group of one is no group)
+            present = [r for r in group if (root / paths[r]).is_file()]
+            gone.update({paths[r]: "its file is gone" for r in group if r not in present})
+            if len(present) > 1:
+                kept.append([{"image_id": int(r), "path": paths[r]} for r in present])
+        return {"groups": kept, "message": None if kept else "No near-duplicates found", "note": _left_out_note(gone)}
+
+    def _duplicate_groups(self, max_distance: int) -> tuple[list[list[int]], dict[str, str]]:
+        library = self.library
+        try:
+            return duplicate_groups(library.vectors("phash"), max_distance, library.paths), {}
+        except ImageError:  # a photo gone or damaged since the extraction: grouped without it, and said so
+            rows, vectors, left_out = self._readable("phash")
+            groups = duplicate_groups(vectors, max_distance, [library.paths[r] for r in rows])
+            return [[rows[i] for i in group] for group in groups], left_out
 
     # --- files ----------------------------------------------------------------------------
 
@@ -388,9 +580,20 @@ class LibraryService:
         path = (self._original(photo["path"]) if original else None) or self._inside(self.library.root, photo["path"])
         if path is None:
             raise NotFound(f"the file of photo {image_id} ({photo['path']}) is gone or lies outside the library")
-        if path.suffix.lower() in BROWSER_FORMATS:
+        if path.suffix.lower() in BROWSER_FORMATS and self.media_type(path) in BROWSER_TYPES:
             return path
         return self._derivative(path, photo["sha256"], DISPLAY_SIZE, "display")
+
+    @staticmethod
+    def media_type(path: Path) -> str | None:
+        """The type of an image file by its content (not its name), as PIL reads it from the header."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    return Image.MIME.get(img.format)
+        except Exception:  # noqa: BLE001 - not an image (or no longer one): no type to serve it as
+            return None
 
     def thumbnail(self, image_id) -> Path:
         """A JPEG of at most :data:`THUMB_SIZE` pixels a side, made once per photo content."""
@@ -414,3 +617,45 @@ class LibraryService:
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise NotFound(f"photo {source.name} can no longer be decoded: {exc}") from None
         return target
+
+
+def _left_out_note(left_out: dict[str, str]) -> str | None:
+    """One line naming the photos an answer had to leave out, and why."""
+    if not left_out:
+        return None
+    named = "; ".join(f"{path} ({why})" for path, why in list(left_out.items())[:5])
+    more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+    return (f"{len(left_out)} photo{'s' * (len(left_out) > 1)} left out, changed since the extraction: {named}{more}; "
+            f"run the extraction again to refresh the library")
+
+
+class _Job:
+    """A value computed once in a background thread; :meth:`result` answers it, or :class:`Computing` until then."""
+
+    def __init__(self, compute):
+        self._done = threading.Event()
+        self._value = self._error = None
+        self._started = threading.Lock()
+        self._compute = compute
+        self._thread: threading.Thread | None = None
+
+    def _run(self):
+        try:
+            self._value = self._compute()
+        except BaseException as exc:  # noqa: BLE001 - kept and raised to every later caller
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def result(self, wait: bool = False):
+        with self._started:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="similar-finder-map", daemon=True)
+                self._thread.start()
+        if wait:
+            self._done.wait()
+        elif not self._done.wait(0.25):  # a cached map is ready at once: answered without a second round trip
+            raise Computing("the map is being computed; ask again in a few seconds")
+        if self._error is not None:
+            raise self._error
+        return self._value

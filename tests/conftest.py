@@ -1,4 +1,9 @@
-"""Shared fixtures: generated images for mechanics, real photos for quality."""
+"""Shared fixtures: generated images for mechanics, real photos for quality.
+
+Real features are extracted once per session and shared (:func:`features_of`); the two large shared sets are
+used as stratified samples linked in place (``CLOTHING_PER_CLASS``, ``CIFAR_PER_CLASS``). The same checks on
+the whole sets are in ``bench/quality_bench.py`` (see the README's *Tests*).
+"""
 from __future__ import annotations
 
 import os
@@ -44,48 +49,74 @@ def food_db() -> Path:
 
 
 @pytest.fixture(scope="session")
-def food_features(food_db, tmp_path_factory) -> Path:
-    """Real ImageNet EfficientNet-Lite0 features of the food photos, computed once per session."""
+def features_of(tmp_path_factory):
+    """``features_of(folder)``: the CSV of real EfficientNet-Lite0 features (ImageNet weights, 224 px) of
+    ``folder``, extracted once per session and shared by every test that asks. Read them; to change them,
+    copy the folder they are in first."""
     from similar_finder import extract_features
 
-    out = tmp_path_factory.mktemp("food") / "features.csv"
-    extract_features(food_db, out, "efficientnet_lite0", progress=False)
-    return out
+    made: dict[Path, Path] = {}
+
+    def features(folder: Path) -> Path:
+        folder = Path(folder).resolve()
+        if folder not in made:
+            out = tmp_path_factory.mktemp(f"features-{folder.name}") / "features.csv"
+            extract_features(folder, out, "efficientnet_lite0", progress=False)
+            made[folder] = out
+        return made[folder]
+
+    return features
+
+
+@pytest.fixture(scope="session")
+def food_features(food_db, features_of) -> Path:
+    """Real ImageNet EfficientNet-Lite0 features of the food photos, computed once per session."""
+    return features_of(food_db)
 
 
 CLOTHING = SHARED_DATA / "clothing"
 CIFAR = SHARED_DATA / "cifar10-test"
+CLOTHING_PER_CLASS = 50  # 500 of the 3,781 clothing photos: extracted in about 25 s instead of 3 minutes
+CIFAR_PER_CLASS = 50  # 500 of the 10,000 CIFAR-10 test photos
 
 
-@pytest.fixture(scope="session")
-def clothing_features(tmp_path_factory) -> Path:
-    """Real EfficientNet-Lite0 features of the 3,781 shared clothing photos (about half a minute)."""
-    from similar_finder import extract_features
-
-    assert CLOTHING.is_dir(), f"the shared photos are missing: expected {CLOTHING}"
-    out = tmp_path_factory.mktemp("clothing") / "features.csv"
-    extract_features(CLOTHING, out, "efficientnet_lite0", progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def cifar_sample(tmp_path_factory) -> Path:
-    """A 2,000-photo sample of the shared CIFAR-10 test photos (200 a class), linked in place, not copied."""
-    folder = tmp_path_factory.mktemp("cifar2000")
-    rng = np.random.default_rng(0)
-    for label in sorted(p for p in CIFAR.iterdir() if p.is_dir()):
-        (folder / label.name).mkdir()
-        for photo in rng.choice(sorted(label.iterdir()), 200, replace=False):
+def stratified_sample(source: Path, folder: Path, per_class: int, seed: int = 0) -> Path:
+    """``per_class`` photos drawn from each class subfolder of ``source`` (all of a smaller class), linked in
+    place into ``folder``, not copied."""
+    rng = np.random.default_rng(seed)
+    for label in sorted(p for p in source.iterdir() if p.is_dir()):
+        photos = sorted(label.iterdir())
+        (folder / label.name).mkdir(parents=True)
+        for photo in rng.choice(photos, min(per_class, len(photos)), replace=False):
             (folder / label.name / photo.name).symlink_to(photo)
     return folder
 
 
 @pytest.fixture(scope="session")
-def non_photos(tmp_path_factory) -> Path:
-    """Generated pictures that are not photos: noise, flat colours, text rendered as an image."""
+def clothing_sample(tmp_path_factory) -> Path:
+    """A stratified sample of the shared clothing photos, ``CLOTHING_PER_CLASS`` of each of the 10 classes."""
+    assert CLOTHING.is_dir(), f"the shared photos are missing: expected {CLOTHING}"
+    return stratified_sample(CLOTHING, tmp_path_factory.mktemp("clothing-sample"), CLOTHING_PER_CLASS)
+
+
+@pytest.fixture(scope="session")
+def clothing_features(clothing_sample, features_of) -> Path:
+    """Real EfficientNet-Lite0 features of the clothing sample (the whole set: ``bench/quality_bench.py``)."""
+    return features_of(clothing_sample)
+
+
+@pytest.fixture(scope="session")
+def cifar_sample(tmp_path_factory) -> Path:
+    """A stratified sample of the shared CIFAR-10 test photos, ``CIFAR_PER_CLASS`` a class, linked in place."""
+    assert CIFAR.is_dir(), f"the shared photos are missing: expected {CIFAR}"
+    return stratified_sample(CIFAR, tmp_path_factory.mktemp("cifar-sample"), CIFAR_PER_CLASS)
+
+
+def write_non_photos(folder: Path) -> Path:
+    """60 generated pictures that are not photos: noise, flat colours, text rendered as an image."""
     from PIL import ImageDraw, ImageFont
 
-    folder = tmp_path_factory.mktemp("nonphotos")
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
     for i in range(20):
         Image.fromarray((rng.random((224, 224, 3)) * 255).astype(np.uint8)).save(folder / f"noise{i}.png")
@@ -95,3 +126,9 @@ def non_photos(tmp_path_factory) -> Path:
                                   fill="black", font=ImageFont.load_default(size=18 + i))
         page.save(folder / f"text{i}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def non_photos(tmp_path_factory) -> Path:
+    """Generated pictures that are not photos (:func:`write_non_photos`)."""
+    return write_non_photos(tmp_path_factory.mktemp("nonphotos"))

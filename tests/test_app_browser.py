@@ -58,11 +58,17 @@ def page(server):
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        errors = []
+        errors, foreign = [], []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        # What the Content-Security-Policy blocks is reported on the console: the page must need none of it.
+        page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
+        # Nothing from the internet: any request to another origin fails, and is listed.
+        page.route(re.compile(r"^(?!" + re.escape(server) + r").*"),
+                   lambda route: (foreign.append(route.request.url), route.abort()))
         yield page
         browser.close()
         assert not errors, f"JavaScript errors on the page: {errors}"
+        assert not foreign, f"requests to other origins: {foreign}"
 
 
 def test_browse_click_upload_and_errors_in_a_real_browser(server, page, tmp_path):
@@ -75,7 +81,7 @@ def test_browse_click_upload_and_errors_in_a_real_browser(server, page, tmp_path
     page.goto(server)
     expect(page.locator("#library-count")).to_have_text("36 photos")
     expect(page.locator(".tile img").first).to_be_visible()
-    page.wait_for_function("[...document.querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth)")
+    page.wait_for_function("() => [...document.querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth)")
     page.screenshot(path=shots / "1-library.png")
 
     # Click a burger: the photo large, its similar photos with readable distances, burgers first.
@@ -89,7 +95,7 @@ def test_browse_click_upload_and_errors_in_a_real_browser(server, page, tmp_path
     first_path = results.first.get_attribute("title")
     assert first_path.startswith("burger/") and first_path != "burger/burger3_resized.jpeg"
     expect(page.locator("#query-facts")).to_contain_text("burger/burger3_resized.jpeg")
-    page.wait_for_function("document.querySelector('#query-img').complete")
+    page.wait_for_function("() => document.querySelector('#query-img').complete")
     page.screenshot(path=shots / "2-similar.png")
 
     # Browse by similarity: a click on a result opens that photo's own similar view.
@@ -152,3 +158,10 @@ def test_browse_click_upload_and_errors_in_a_real_browser(server, page, tmp_path
     expect(page.locator("#dup-note")).to_have_text("No near-duplicates found")
     for name in ("1-library", "2-similar", "3-upload", "4-error", "5-no-results", "6-map"):
         assert (shots / f"{name}.png").stat().st_size > 10_000
+
+
+def test_the_api_docs_render_offline_under_the_policy(server, page):
+    # Swagger UI from the fastapi-offline package, served by the app: it renders with no other origin reachable.
+    page.goto(server + "docs")
+    playwright_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text("similar_finder")
+    playwright_api.expect(page.locator(".opblock-summary-path", has_text="/api/similar/{image_id}")).to_be_visible()

@@ -16,8 +16,26 @@ const state = {
 
 // --- talking to the API ----------------------------------------------------------------
 
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// A value the server computes in the background (the map) is answered 202 "computing" with Retry-After until it
+// is ready: ask again then, for at most `patience` ms.
+async function apiWhenReady(path, patience = 10 * 60 * 1000) {
+  const until = Date.now() + patience;
+  for (;;) {
+    const response = await fetch(path);
+    if (response.status !== 202) return answerOf(response);
+    if (Date.now() > until) throw new Error("the server is still computing this; try again later");
+    const wait = Number(response.headers.get("Retry-After")) || 2;
+    await sleep(Math.min(wait, 5) * 1000);
+  }
+}
+
 async function api(path, options) {
-  const response = await fetch(path, options);
+  return answerOf(await fetch(path, options));
+}
+
+async function answerOf(response) {
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON: reported below */ }
   if (!response.ok) {
@@ -249,6 +267,8 @@ function showResults(body, title) {
   $("#similar-count").textContent = shown && shown < state.n
     ? `${shown} of ${state.n}: no other photo is close enough` : "";
   $("#no-results-reason").textContent = body.reason ? `${body.reason[0].toUpperCase()}${body.reason.slice(1)}.` : "";
+  $("#answer-note").textContent = body.note || "";  // photos gone or damaged since the extraction, left out
+  $("#answer-note").hidden = !body.note;
   state.picked = -1;
   const items = body.results.map((r, i) => {
     const item = el("li", { tabIndex: 0, title: r.path }, [
@@ -277,10 +297,10 @@ async function openMap() {
   if (map.method !== method) {
     map.points = []; map.images.clear(); map.method = method;
     drawMap();
-    $("#map-note").textContent = "Computing the map (once; it is cached)…";
+    $("#map-note").textContent = "Computing the map in the background (once; it is cached)…";
     let body;
     try {
-      body = await api(`/api/map?method=${method}`);
+      body = await apiWhenReady(`/api/map?method=${method}`);
     } catch (err) {
       if (map.method === method) map.method = null;  // opening the map again tries again
       throw err;
@@ -362,6 +382,7 @@ async function openDuplicates() {
   $("#dup-note").textContent = body.groups.length
     ? `${body.groups.length} groups, ${photos} photos, largest first (perceptual hash, at most 6 of 64 bits apart)`
     : body.message;
+  if (body.note) $("#dup-note").textContent += ` · ${body.note}`;
   $("#groups").replaceChildren(...body.groups.map((group, i) => el("div", { className: "group" }, [
     el("h3", { textContent: `Group ${i + 1} · ${group.length} photos` }),
     el("ol", {}, group.map((p) => {
