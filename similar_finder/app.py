@@ -485,6 +485,7 @@ def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port:
     app = create_app(library, originals=originals, max_upload_bytes=int(max_upload_mb * 2**20),
                      max_upload_mp=max_upload_mp, allowed_hosts=hosts)
     _warm(app.state.service)
+    _return_freed_memory()
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     print(f"similar_finder: {len(library)} photos from {library.root}\nopen {url}  (Ctrl-C stops)", flush=True)
     if open_browser:
@@ -492,6 +493,24 @@ def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port:
 
         webbrowser.open(url)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _return_freed_memory() -> None:
+    """Large blocks straight from the OS and back to it when freed (glibc only; elsewhere nothing changes).
+
+    A decoded upload is ~190 MB at the pixel budget, in Pillow's 16 MB blocks. glibc's default raises its mmap
+    threshold past that after the first free, so later blocks come from per-thread heaps that keep them: four
+    uploads on four server threads held 630 MB after they were answered. A fixed 4 MB threshold keeps the peak
+    at one decode's worth (bench/upload_bench.py).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; setting it also turns off glibc's dynamic threshold
+    except (OSError, AttributeError):
+        pass
 
 
 def _warm(service: LibraryService) -> None:

@@ -213,7 +213,9 @@ class LibraryService:
             raise UsageError(f"the upload pixel budget must be above 0 and at most PIL's cap of "
                              f"{MAX_PIXELS / 1e6:.0f} MP, not {max_upload_mp}")
         self.max_upload_pixels = int(max_upload_mp * 1e6)
-        self._decoding = threading.BoundedSemaphore(max(1, int(decode_slots)))
+        # Decoding holds about 4 bytes a pixel (the RGB image and its reductions: 190 MB at 50 MP), so it is
+        # admitted by slots and by pixels: the photos decoding at once add up to at most one at the budget.
+        self._decoding = _Admission(max(1, int(decode_slots)), self.max_upload_pixels)
         self.decode_wait_s = float(decode_wait_s)
         self.extract_kwargs = extract_kwargs or {}
         self.catalog = library.catalog()
@@ -359,10 +361,9 @@ class LibraryService:
 
     def search(self, data: bytes, n: int = 5, approach: str = "cosine", *, filename: str = "upload") -> Answer:
         """The library photos most similar to an uploaded photo, which is not kept."""
-        with self.decoding(filename):
-            data = self.check_upload(data, filename)
+        data, pixels = self.check_upload(data, filename)
         batcher = self._batcher(approach)  # fitting an approach is no decoding: it holds no slot
-        with self.decoding(filename):
+        with self.decoding(filename, pixels):
             vector = self._describe(data, batcher.model.kind, filename)
         return self._answer(approach, batcher, *batcher(n, vector=vector))
 
@@ -381,62 +382,67 @@ class LibraryService:
         refused = bool(gates is not None and not model.calibration_.admits(gates[0]))  # why it is empty
         return Answer(name, results, refused, note=_left_out_note(gone))
 
-    def decoding(self, filename: str = "upload"):
-        """A decoding slot for one upload's work (a context manager); :class:`Busy` if none frees up in time.
+    def decoding(self, filename: str = "upload", pixels: int | None = None):
+        """Admission for decoding ``pixels`` of one upload (a context manager; default: a whole budget's worth).
 
-        Decoding is CPU-bound and each decode may hold a few hundred MB at the pixel budget, so at most
-        ``decode_slots`` uploads decode at once, whatever the number of server threads.
+        Decoding is CPU-bound and memory-bound, so at most ``decode_slots`` uploads decode at once, and together
+        at most the pixel budget (small photos side by side, a photo at the budget alone), whatever the number of
+        server threads. One that is not admitted within ``decode_wait_s`` gets :class:`Busy` (503, Retry-After).
         """
-        slots = self._decoding
+        admission, wait = self._decoding, self.decode_wait_s
+        pixels = self.max_upload_pixels if pixels is None else pixels
 
-        class _Slot:
+        class _Admitted:
             def __enter__(slot):
-                if not slots.acquire(timeout=self.decode_wait_s):
+                if not admission.acquire(pixels, wait):
                     raise Busy(f"{filename} was not decoded: the server is decoding other uploads; "
-                               f"try again in a few seconds", retry_after=max(1, round(self.decode_wait_s / 3)))
+                               f"try again in a few seconds", retry_after=max(1, round(wait / 3)))
 
             def __exit__(slot, *exc):
-                slots.release()
+                admission.release(pixels)
 
-        return _Slot()
+        return _Admitted()
 
-    def check_upload(self, data: bytes, filename: str = "upload") -> bytes:
-        """The bytes to use for an upload (its first frame, if animated), or an :class:`UploadError` saying why
-        ``data`` cannot be a query (too large, too many pixels, empty, not an image). Call it inside
-        :meth:`decoding`.
+    def check_upload(self, data: bytes, filename: str = "upload") -> tuple[bytes, int]:
+        """``(bytes to use, pixels)`` of an upload (its first frame, if animated), or an :class:`UploadError`
+        saying why ``data`` cannot be a query (too large, too many pixels, empty, not an image). The header is read
+        first; the decode waits for admission (:meth:`decoding`).
         """
         if len(data) > self.max_upload_bytes:
             raise UploadTooLarge(f"{filename} is {len(data) / 2**20:.1f} MB, over the limit of "
                                  f"{self.max_upload_bytes / 2**20:.0f} MB")
         if not data:
             raise UploadError(f"{filename} cannot be used: empty file (0 bytes)")
+        pixels, animated = 1, False
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below is lower
                 with Image.open(io.BytesIO(data)) as img:  # reads the header only: size and format
                     width, height = img.size
-                    if width * height > self.max_upload_pixels:
-                        raise UploadTooLarge(
-                            f"{filename} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
-                            f"upload limit of {self.max_upload_pixels / 1e6:g} MP (--max-upload-mp)")
-                    if getattr(img, "is_animated", False):
-                        # Only the first frame is used: counting or decoding 200,000 frames costs seconds.
-                        img.seek(0)
-                        out = io.BytesIO()
-                        img.save(out, "PNG")  # lossless, palette and transparency kept: decoded as the frame
-                        data = out.getvalue()
-        except UploadError:
-            raise
+                    pixels, animated = width * height, getattr(img, "is_animated", False)
         except Image.DecompressionBombError:
             raise UploadTooLarge(f"{filename} is a decompression bomb: over PIL's cap of {MAX_PIXELS} pixels, "
                                  f"and the upload limit of {self.max_upload_pixels / 1e6:g} MP") from None
         except Exception:  # noqa: BLE001 - not an image PIL knows, or a broken header: load_image says which
             pass
-        try:
-            load_image(data, 32)  # cheap: JPEGs decode in draft mode; bombs and bad files say why
-        except ImageError as exc:
-            raise UploadError(f"{filename} cannot be used: {exc}") from None
-        return data
+        if pixels > self.max_upload_pixels:
+            raise UploadTooLarge(f"{filename} is {width}x{height} = {pixels / 1e6:.1f} megapixels, over the upload "
+                                 f"limit of {self.max_upload_pixels / 1e6:g} MP (--max-upload-mp)")
+        with self.decoding(filename, pixels):
+            try:
+                if animated:
+                    # Only the first frame is used: counting or decoding 200,000 frames costs seconds.
+                    with Image.open(io.BytesIO(data)) as img:
+                        img.seek(0)
+                        out = io.BytesIO()
+                        img.save(out, "PNG")  # lossless, palette and transparency kept: decoded as the frame
+                        data = out.getvalue()
+                load_image(data, 32)  # cheap: JPEGs decode in draft mode; bombs and bad files say why
+            except ImageError as exc:
+                raise UploadError(f"{filename} cannot be used: {exc}") from None
+            except (OSError, ValueError, EOFError) as exc:  # a first frame that cannot be read
+                raise UploadError(f"{filename} cannot be used: corrupt or truncated image: {exc}") from None
+        return data, pixels
 
     def _describe(self, data: bytes, kind: str, filename: str) -> np.ndarray:
         # The query goes through the library's own code path for new photos, from a private temp file.
@@ -481,8 +487,7 @@ class LibraryService:
             if above.exists() and not above.is_dir():
                 raise UploadError(f"{above.relative_to(root).as_posix()} is a file in the library, not a folder; "
                                   f"choose another folder name")
-        with self.decoding(filename):
-            self.check_upload(data, filename)  # the file kept is the one sent, animated or not
+        self.check_upload(data, filename)  # the file kept is the one sent, animated or not
         with self._build, self._model:
             created = not target.is_file()
             try:
@@ -627,6 +632,31 @@ def _left_out_note(left_out: dict[str, str]) -> str | None:
     more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
     return (f"{len(left_out)} photo{'s' * (len(left_out) > 1)} left out, changed since the extraction: {named}{more}; "
             f"run the extraction again to refresh the library")
+
+
+class _Admission:
+    """At most ``slots`` holders at once, holding at most ``capacity`` pixels together (one larger is let in alone)."""
+
+    def __init__(self, slots: int, capacity: int):
+        self.slots, self.capacity = slots, capacity
+        self._changed = threading.Condition()
+        self._holders = self._held = 0
+
+    def acquire(self, pixels: int, timeout: float) -> bool:
+        pixels = min(pixels, self.capacity)
+        with self._changed:
+            if not self._changed.wait_for(
+                    lambda: self._holders < self.slots and self._held + pixels <= self.capacity, timeout):
+                return False
+            self._holders += 1
+            self._held += pixels
+            return True
+
+    def release(self, pixels: int) -> None:
+        with self._changed:
+            self._holders -= 1
+            self._held -= min(pixels, self.capacity)
+            self._changed.notify_all()
 
 
 class _Job:

@@ -58,6 +58,9 @@ def page(server):
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
+        # The first upload builds the model and the first K-Means tunes itself: on two cores shared with other
+        # work that can take longer than Playwright's default 5 s.
+        playwright_api.expect.set_options(timeout=20_000)
         errors, foreign = [], []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         # What the Content-Security-Policy blocks is reported on the console: the page must need none of it.

@@ -172,7 +172,8 @@ def test_an_animated_upload_costs_its_first_frame_only(client, library):
         img.seek(0)
         first = np.asarray(img.convert("RGB"))
     start = time.perf_counter()
-    used = service.check_upload(gif, "many.gif")
+    used, pixels = service.check_upload(gif, "many.gif")
+    assert pixels == 24 * 24
     took = time.perf_counter() - start
     with Image.open(io.BytesIO(used)) as img:
         assert not getattr(img, "is_animated", False) and np.array_equal(np.asarray(img.convert("RGB")), first)
@@ -190,12 +191,22 @@ def test_when_every_decoding_slot_is_taken_an_upload_gets_503_with_retry_after(l
         assert busy.post("/api/search", files={"file": ("q.jpg", jpeg())}).status_code == 200  # the slot is free
 
 
+def test_decodes_are_admitted_by_pixels_so_one_at_the_budget_decodes_alone(library):
+    service = create_app(library, max_upload_mp=1, decode_slots=4, decode_wait_s=0.05).state.service
+    with service.decoding("small", 300_000), service.decoding("small too", 300_000):  # side by side
+        with pytest.raises(Exception, match="decoding other uploads"):
+            with service.decoding("at the budget", 1_000_000):
+                pass
+    with service.decoding("at the budget", 1_000_000):  # alone, once the others are done
+        with pytest.raises(Exception, match="decoding other uploads"):
+            with service.decoding("tiny", 10):
+                pass
+
+
 # --- 4. a missing or damaged photo affects only itself ---------------------------------------------
 
 def test_a_deleted_and_a_damaged_photo_drop_out_and_the_rest_still_answer(tmp_path):
     make_images(tmp_path / "photos", 8, seed=4)
-    from similar_finder.images import load_image  # noqa: F401 - the photos were decodable when extracted
-
     photos = tmp_path / "photos"
     shutil.copy(photos / "img0000.jpg", photos / "copy.jpg")  # a duplicate pair that survives
     shutil.copy(photos / "img0001.jpg", photos / "copy1.jpg")  # and one whose original is deleted below
