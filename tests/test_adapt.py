@@ -1,4 +1,8 @@
-"""Adapting the embedding to the user's labelled photos: quality on real features, and the plumbing."""
+"""Adapting the embedding to the user's labelled photos: quality on real features, and the plumbing.
+
+Quality is checked on the 500-photo stratified clothing sample (conftest.py), against the plain features of the
+same photos; ``bench/quality_bench.py --part adapt`` checks the figures the README quotes, on all 3,781.
+"""
 import json
 import shutil
 
@@ -6,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import FOOD_QUERIES, make_images
+from conftest import CLOTHING, FOOD_QUERIES, make_images, stratified_sample
 from similar_finder import Library, extract_features, recommend
 from similar_finder.adapt import AdapterError, adapt, class_split, compare_adapted, stratified_split
 from similar_finder.cli import main
@@ -27,8 +31,10 @@ def test_adapting_lifts_retrieval_on_photos_it_never_saw(clothing_features):
     labels = library.labels()
     train, test = stratified_split(labels, 0.5)
     plain, adapted = compare_adapted(library.matrix, labels, train, test)
-    assert plain["precision@5"] < 0.75 and adapted["precision@5"] >= plain["precision@5"] + 0.08, (plain, adapted)
-    assert adapted["mAP"] >= plain["mAP"] + 0.15
+    # On the sample (25 training photos a class): measured 0.582 -> 0.695 P@5, 0.482 -> 0.627 mAP (another draw of
+    # the sample: +0.08 and +0.115). All 3,781 photos: +0.11 and +0.23, held to +0.08 and +0.15 by the bench.
+    assert plain["precision@5"] < 0.75 and adapted["precision@5"] >= plain["precision@5"] + 0.05, (plain, adapted)
+    assert adapted["mAP"] >= plain["mAP"] + 0.08, (plain, adapted)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +69,11 @@ def test_extract_with_an_adapter_writes_adapted_vectors_and_embeds_new_photos_th
     assert result["path"][0].startswith("burger/")
 
 
-def test_adapted_and_plain_vectors_are_never_mixed(adapter, food_db, tmp_path):
-    extract_features(food_db, tmp_path / "plain.csv", "efficientnet_lite0", progress=False)
+def test_adapted_and_plain_vectors_are_never_mixed(adapter, food_db, food_features, tmp_path):
+    shutil.copytree(food_features.parent, tmp_path / "plain")  # a store of plain vectors of these photos
+    plain = tmp_path / "plain" / food_features.name
     with pytest.raises(FeaturesError, match="cannot be mixed"):
-        extract_features(food_db, tmp_path / "plain.csv", "efficientnet_lite0", adapter=adapter.path, progress=False)
+        extract_features(food_db, plain, "efficientnet_lite0", adapter=adapter.path, progress=False)
     extract_features(food_db, tmp_path / "adapted.csv", "efficientnet_lite0", adapter=adapter.path, progress=False)
     with pytest.raises(FeaturesError, match="cannot be mixed"):
         extract_features(food_db, tmp_path / "adapted.csv", "efficientnet_lite0", progress=False)
@@ -129,12 +136,25 @@ def test_a_fine_tuned_adapter_embeds_library_and_new_photos_alike(food_db, food_
     np.testing.assert_allclose(adapted.describer()(food_db / adapted.paths[7]), adapted.matrix[7], atol=1e-4)
 
 
-def test_fine_tuning_the_last_blocks_lifts_retrieval_further(clothing_features):
+@pytest.fixture(scope="module")
+def small_clothing(tmp_path_factory):
+    """Real features of 30 clothing photos a class at 128 px: fine-tuning then trains on 4 x 4 activations
+    instead of 7 x 7, in half a minute instead of twenty (all 3,781 at 224 px: the bench)."""
+    folder = stratified_sample(CLOTHING, tmp_path_factory.mktemp("clothing-30") / "photos", 30)
+    return extract_features(folder, folder.parent / "features.csv", "efficientnet_lite0", input_size=128,
+                            progress=False)
+
+
+def test_fine_tuning_the_last_blocks_lifts_retrieval_further(small_clothing):
     from similar_finder.evaluate import adaptation_table
 
-    table = adaptation_table(Library(clothing_features), split=0.5, fine_tune_blocks=2).set_index("features")
-    # measured 0.86 (0.824 with frozen features); the issue's target is 0.85
-    assert table.loc["plain", "precision@5"] < 0.75 and table.loc["adapted", "precision@5"] >= 0.84, table
+    table = adaptation_table(small_clothing, split=0.5, fine_tune_blocks=2).set_index("features")
+    plain, adapted = table.loc["plain"], table.loc["adapted"]
+    # Measured on this sample: P@5 0.416 -> 0.527, mAP 0.355 -> 0.468 (frozen features: 0.504 / 0.468); two other
+    # draws +0.09 / +0.09 and +0.05 / +0.08. All 3,781 photos at 224 px: 0.715 -> 0.86 (0.824 frozen), held to
+    # 0.84 by bench/quality_bench.py --part fine-tune.
+    assert plain["precision@5"] < 0.75 and adapted["precision@5"] >= plain["precision@5"] + 0.04, table
+    assert adapted["mAP"] >= plain["mAP"] + 0.06, table
 
 
 def test_run_all_with_an_adapter(adapter, food_db, tmp_path):
@@ -144,7 +164,7 @@ def test_run_all_with_an_adapter(adapter, food_db, tmp_path):
                       progress=False)
     assert summary.library.config["adapter"]["sha256"] == json.loads(adapter.path.with_suffix(".json").read_text())[
         "sha256"]
-    assert len(list((tmp_path / "out" / "rec" / "cosine").glob("*.png"))) == 2
+    assert len(list((tmp_path / "out" / "rec" / "cosine").glob("*.jpg"))) == 2
 
 
 def test_adapting_refuses_classes_of_one_photo():

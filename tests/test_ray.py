@@ -34,11 +34,12 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """The food photos and 200 clothing photos (linked in place, not copied), and one corrupt file."""
+    """The 36 food photos and 64 clothing photos (linked in place, not copied), and one corrupt file: four
+    batches of 32, enough for a worker to be killed between two of them."""
     folder = tmp_path_factory.mktemp("ray-photos")
     clothing = sorted(p for p in CLOTHING.rglob("*.jpg"))
     for photo, where in [*((p, "food") for p in sorted(FOOD_DB.rglob("*.jp*g"))),
-                         *((p, "clothing") for p in clothing[:: len(clothing) // 200][:200])]:
+                         *((p, "clothing") for p in clothing[:: len(clothing) // 64][:64])]:
         target = folder / where / photo.parent.name / photo.name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(photo)
@@ -55,15 +56,15 @@ def in_process(photos, tmp_path_factory):
 def test_ray_gives_the_in_process_features_and_a_second_run_embeds_nothing(photos, in_process, tmp_path):
     out = tmp_path / "features.csv"
     library = extract_features(photos, out, "efficientnet_lite0", progress=False, engine="ray")
-    assert library.paths == in_process.paths and len(library) == 236
+    assert library.paths == in_process.paths and len(library) == 100
     assert np.abs(library.matrix - in_process.matrix).max() < 1e-5
     assert library.meta["config"] == in_process.meta["config"]
     skipped = pd.read_csv(library.files.skipped)
     assert skipped["path"].tolist() == ["clothing/broken.jpg"] and "truncated" in skipped["reason"][0]
-    assert library.stats.embedded == 237 and not library.files.shards.exists()
+    assert library.stats.embedded == 101 and not library.files.shards.exists()
 
     again = extract_features(photos, out, "efficientnet_lite0", progress=False, engine="ray")
-    assert again.stats.embedded == 0 and again.stats.reused == 237
+    assert again.stats.embedded == 0 and again.stats.reused == 101
     with pytest.raises(FeaturesError, match="cannot be mixed"):
         extract_features(photos, out, "efficientnet_lite0", pooling="max", progress=False, engine="ray")
 
@@ -76,8 +77,14 @@ def _embedding_actors() -> list[int]:
             if "Embedder" in a.get("ActorClassName", "") and a.get("State") == "ALIVE"]
 
 
-def test_a_worker_killed_mid_run_loses_and_doubles_no_photo(photos, in_process, tmp_path):
-    out = tmp_path / "features.csv"
+@pytest.fixture(scope="module")
+def killed_run(photos, tmp_path_factory):
+    """A Ray run into a Parquet store during which a model worker is killed (SIGKILL) once shards are written:
+    ``(folder, store, pid killed, errors)``. Two tests read it: one Ray run instead of two (each costs 20 s)."""
+    from similar_finder.store import FeatureFiles
+
+    folder = tmp_path_factory.mktemp("killed")
+    out = folder / "features.parquet"
     result, errors = {}, []
 
     def run():
@@ -88,7 +95,7 @@ def test_a_worker_killed_mid_run_loses_and_doubles_no_photo(photos, in_process, 
 
     thread = threading.Thread(target=run)
     thread.start()
-    shards, killed = out.with_suffix(".shards"), None
+    shards, killed = FeatureFiles(out).shards, None
     deadline = time.monotonic() + 240
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
         pids = _embedding_actors()
@@ -97,9 +104,13 @@ def test_a_worker_killed_mid_run_loses_and_doubles_no_photo(photos, in_process, 
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
     thread.join(600)
+    return folder, result.get("library"), killed, errors
+
+
+def test_a_worker_killed_mid_run_loses_and_doubles_no_photo(killed_run, in_process):
+    _, library, killed, errors = killed_run
     assert killed is not None, "the run ended before a worker could be killed"
     assert not errors, errors
-    library = result["library"]
     assert library.paths == in_process.paths and len(set(library.paths)) == len(library.paths)
     assert np.abs(library.matrix - in_process.matrix).max() < 1e-5
     assert killed not in _embedding_actors()
@@ -127,15 +138,16 @@ def test_shards_of_a_driver_that_died_are_reused(photos, in_process, tmp_path, m
     assert library.paths == in_process.paths and np.abs(library.matrix - in_process.matrix).max() < 1e-5
 
 
-def test_a_parquet_store_is_read_by_everything_without_a_csv(photos, in_process, tmp_path):
+def test_a_parquet_store_is_read_by_everything_without_a_csv(photos, in_process, killed_run, tmp_path):
     from similar_finder import Library, recommend
     from similar_finder.clustering import fit_baseline
 
-    out = tmp_path / "features.parquet"
-    library = extract_features(photos, out, "efficientnet_lite0", progress=False, engine="ray")
+    folder, library, _, errors = killed_run  # written by Ray, a worker killed on the way
+    assert not errors, errors
+    out = folder / "features.parquet"
     assert library.meta["store_format"] == "parquet" and out.is_dir() and list(out.glob("part-*.parquet"))
     # No feature CSV and no .npy: only the audit and the skipped list are CSVs.
-    assert {p.name for p in tmp_path.glob("*.csv")} == {"features.files.csv", "features.skipped.csv"}
+    assert {p.name for p in folder.glob("*.csv")} == {"features.files.csv", "features.skipped.csv"}
     assert not library.files.npy.exists()
     reopened = Library(out)
     assert reopened.paths == in_process.paths and np.abs(reopened.matrix - in_process.matrix).max() < 1e-5

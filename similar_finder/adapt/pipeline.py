@@ -19,7 +19,7 @@ from ..images import load_image
 from ..incremental import default_workers
 from ..metrics import SCORE_K, retrieval_among
 from .model import AdapterError, embed
-from .training import fit_adapter
+from .training import fit_adapter, save_head
 
 log = logging.getLogger(__name__)
 DEFAULT_ADAPTER = MODELS_DIR / "adapter.keras"
