@@ -6,7 +6,11 @@ the whole sets are in ``bench/quality_bench.py`` (see the README's *Tests*).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +136,25 @@ def write_non_photos(folder: Path) -> Path:
 def non_photos(tmp_path_factory) -> Path:
     """Generated pictures that are not photos (:func:`write_non_photos`)."""
     return write_non_photos(tmp_path_factory.mktemp("nonphotos"))
+
+
+@contextlib.contextmanager
+def serving(app):
+    """A real uvicorn server for ``app`` on a free loopback port, in a thread: yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -9,13 +9,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 
-from conftest import FOOD_QUERIES
+from conftest import FOOD_QUERIES, serving
 
 pytest.importorskip("fastapi")
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -26,31 +23,13 @@ if CHROMIUM is None:
     pytest.skip("no Chromium on this machine (apt-get install chromium)", allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(food_features):
-    import uvicorn
-
     from similar_finder.app import create_app
     from similar_finder.library import Library
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Library(food_features)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(Library(food_features))) as url:
+        yield url
 
 
 @pytest.fixture()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST, make_images
+from conftest import FAST, make_images, serving
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -262,12 +261,6 @@ def test_every_route_documents_its_answers(client):
     assert {"413", "503"} <= set(spec["paths"]["/api/search"]["post"]["responses"])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 SCHEMATHESIS_CONFIG = """
 [[operations]]
 include-path-regex = "^/api/(search|library)$"
@@ -279,30 +272,17 @@ checks.positive_data_acceptance.expected-statuses = [200, 400, 403, 404, 409, 41
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(library, tmp_path):
     pytest.importorskip("schemathesis")
-    import uvicorn
-
     # The fuzzer adds photos: it gets a library of its own.
     shutil.copytree(library.root, tmp_path / "photos")
     fuzzed = extract(tmp_path / "photos", tmp_path / "f.csv")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(fuzzed), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
     (tmp_path / "schemathesis.toml").write_text(SCHEMATHESIS_CONFIG)
-    try:
+    with serving(create_app(fuzzed)) as url:
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(tmp_path / "schemathesis.toml"),
-             "--no-color", "run", f"http://127.0.0.1:{port}/openapi.json", "--checks", "all",
+             "--no-color", "run", f"{url}openapi.json", "--checks", "all",
              "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--seed", "20",
              "--request-timeout", "20"],
             capture_output=True, text=True, timeout=240)
-    finally:
-        server.should_exit = True
-        thread.join(10)
     report = run.stdout + run.stderr
     print(report[-3000:])
     assert run.returncode == 0, report[-8000:]
