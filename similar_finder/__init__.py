@@ -20,6 +20,8 @@ except importlib.metadata.PackageNotFoundError:  # run from a checkout that was 
 # module's name: importing that submodule would rebind it on the package.
 _EXPORTS = {
     "extract_features": "features",
+    "add_photos": "features",
+    "remove_photos": "features",
     "load_features": "features",
     "Library": "library",
     "open_library": "library",

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ._io import DEFAULT_FEATURES, write_json
 from .engines import ENGINES, InProcessRunner
@@ -32,7 +33,8 @@ from .incremental import (CheckpointWriter, KnownResults, MemoryWriter, content_
                           load_previous, mismatch_error, read_partial_config, requested_spec)
 from .library import Library
 from .ray_engine import RayRunner
-from .store import STORE_FORMATS, Changes, FeatureFiles, FeaturesError, commit, config_of, read_store, write_store
+from .store import (AUDIT_COLUMNS, STORE_FORMATS, Changes, FeatureFiles, FeaturesError, commit, config_of, read_store,
+                    write_store)
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +204,20 @@ def add_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
                                   seconds=round(time.perf_counter() - started, 3))
     added.skipped_now = {r.path: r.detail for r in audit.itertuples(index=False) if r.status == "skipped"}
     return added
+
+
+def remove_photos(library: Library, image_ids) -> Library:
+    """Take photos out of ``library`` by image_id, in one commit (their files are left alone, and their ids are
+    never given again). Returns the library as committed."""
+    paths = []
+    for image_id in image_ids:
+        row = library.row_of_id.get(int(image_id))
+        if row is None:
+            raise MissingError(f"no photo {image_id} in {library.files.csv.name}")
+        paths.append(library.paths[row])
+    commit(library.files, Changes(pd.DataFrame(columns=AUDIT_COLUMNS), np.zeros((0, library.matrix.shape[1]),
+                                  np.float32), {}, paths), root=library.root, config=library.config)
+    return Library(library.files.csv)
 
 
 def load_features(csv: str | os.PathLike = DEFAULT_FEATURES) -> tuple[list[str], np.ndarray, dict]:

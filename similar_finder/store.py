@@ -809,11 +809,24 @@ def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np
 
 
 def _versions() -> dict:
-    import keras  # imported here: a run with nothing new needs neither Keras nor TensorFlow
-    import sklearn
+    # Read from the installed packages, not by importing them: writing a store needs neither Keras nor TensorFlow.
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        with contextlib.suppress(PackageNotFoundError):
+            return version(name)
+        return None
 
     return {"python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
-            "keras": keras.__version__, "keras_backend": keras.backend.backend(), "scikit-learn": sklearn.__version__}
+            "keras": installed("keras"), "keras_backend": _keras_backend(),
+            "scikit-learn": installed("scikit-learn")}
+
+
+def _keras_backend() -> str:
+    import sys
+
+    keras = sys.modules.get("keras")  # the backend in use when Keras is loaded (it embedded the vectors)
+    return keras.backend.backend() if keras is not None else os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
 def export(files: FeatureFiles, store_format: str | None = None, stored: StoredFeatures | None = None) -> StoredFeatures:

@@ -1,0 +1,206 @@
+"""The library's one commit point: a crash at any write step, damage to any file, and ids that never move."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FAST, make_images
+from similar_finder import Library, add_photos, extract_features, remove_photos
+from similar_finder._io import file_sha256
+from similar_finder.store import FeaturesError, read_store
+
+DRIVER = Path(__file__).with_name("crash_driver.py")
+
+
+def ids_by_content(library: Library) -> dict[str, int]:
+    shas = dict(zip(library.audit["path"], library.audit["sha256"]))
+    return {shas[p]: int(i) for p, i in zip(library.paths, library.ids)}
+
+
+def test_a_crash_at_every_write_step_leaves_the_old_or_the_new_library(tmp_path):
+    result = subprocess.run([sys.executable, str(DRIVER), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    for name, outcome in report.items():
+        assert outcome["failures"] == [], (name, outcome["failures"][:5])
+        # The change has many write steps, and crashes before its commit leave the old state, after it the new.
+        assert outcome["steps"] >= 15 and outcome["old"] >= 10 and outcome["new"] >= 1, (name, outcome)
+    assert report["extract"]["new"] > 1  # the exports are written after the commit: a crash there keeps the change
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def library(tmp_path) -> Library:
+    make_images(tmp_path / "photos" / "a", 3)
+    make_images(tmp_path / "photos" / "b", 3, seed=1)
+    return extract_features(tmp_path / "photos", tmp_path / "f.csv", **FAST)
+
+
+def test_ids_never_move_across_adds_removals_renames_and_restarts(library, tmp_path):
+    photos = tmp_path / "photos"
+    first = ids_by_content(library)
+    assert sorted(first.values()) == list(range(6))
+    # An add into a folder that sorts first, by extraction and by the app's path (add_photos).
+    make_images(photos / "0first", 1, seed=5)
+    grown = extract_features(photos, library.files.csv, **FAST)
+    make_images(photos / "0first", 2, seed=6, prefix="up")
+    grown = add_photos(grown, ["0first/up0000.jpg", "0first/up0001.jpg"])
+    assert grown.stats.embedded == 2 and len(grown) == 9
+    # A removal, a rename (same content, new name and folder), a restart (a fresh read).
+    (photos / "a" / "img0000.jpg").unlink()
+    removed_sha = next(s for s, i in first.items() if library.paths[library.row_of_id[i]] == "a/img0000.jpg")
+    (photos / "c").mkdir()
+    (photos / "b" / "img0002.jpg").rename(photos / "c" / "moved.jpg")
+    changed = extract_features(photos, library.files.csv, **FAST)
+    assert changed.stats.embedded == 0  # the rename is known by its content
+    reopened = Library(library.files.csv)
+    now = ids_by_content(reopened)
+    assert {s: i for s, i in now.items() if s in first} == {s: i for s, i in first.items() if s != removed_sha}
+    assert reopened.image_id("c/moved.jpg") == first[file_sha256(photos / "c" / "moved.jpg")]
+    # New photos got new ids, never one of an earlier photo, removed ones included.
+    assert min(i for s, i in now.items() if s not in first) >= 6
+    taken = remove_photos(reopened, [reopened.image_id("b/img0000.jpg")])
+    assert "b/img0000.jpg" not in taken.paths and len(taken) == len(reopened) - 1
+    make_images(photos / "d", 1, seed=9)
+    last = extract_features(photos, library.files.csv, **FAST)  # the removed photo's file is still there: back in
+    assert set(last.ids.tolist()) - set(now.values()) == {max(now.values()) + 1, max(now.values()) + 2}
+    assert last.image_id("b/img0000.jpg") != reopened.image_id("b/img0000.jpg")  # as a new photo, with a new id
+    # The catalog names the same photos by the same ids, by construction.
+    catalog = last.catalog()
+    assert all(catalog.get(int(i))["path"] == p for i, p in zip(last.ids, last.paths))
+
+
+def test_a_damaged_database_is_rebuilt_from_the_exports(library, caplog):
+    before = list(zip(library.ids, library.paths))
+    database = library.files.database
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"garbage, not SQLite" * 100):
+        data = database.read_bytes()
+        for suffix in ("-wal", "-shm"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
+        database.write_bytes(damage(data))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "similar_finder"):
+            reopened = Library(library.files.csv)
+        assert list(zip(reopened.ids, reopened.paths)) == before
+        assert np.array_equal(reopened.matrix, library.matrix)
+        assert any("rebuilding it from f.csv" in r.getMessage() for r in caplog.records) or not damage(b"x")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_segment_is_refused_in_one_line_and_extract_embeds_it_again(library, tmp_path, damage):
+    [segment] = library.files.vectors.iterdir()
+    data = bytearray(segment.read_bytes())
+    segment.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:10] + bytes([data[10] ^ 1]) + data[11:])
+    with pytest.raises(FeaturesError, match=r"f\.vectors/00000001\.f32 is damaged.*similar-finder extract"):
+        read_store(library.files.csv)
+    query = tmp_path / "photos" / "a" / "img0001.jpg"
+    result = subprocess.run([sys.executable, "-m", "similar_finder", "recommend", str(query), "--features-file",
+                             str(library.files.csv)], capture_output=True, text=True)
+    assert result.returncode == 2 and "is damaged" in result.stderr and "Traceback" not in result.stderr
+    again = extract_features(tmp_path / "photos", library.files.csv, **FAST)
+    assert again.stats.embedded == 6 and list(again.ids) == list(library.ids)
+    assert np.allclose(again.matrix, library.matrix, atol=1e-5)
+
+
+def test_damaged_exports_are_never_served(library, tmp_path, caplog):
+    files = library.files
+    text = files.csv.read_text()
+    files.csv.write_text(text[: len(text) // 2])  # cut mid-row
+    for export in (files.npy, files.audit, files.meta):
+        export.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, "similar_finder"):
+        reopened = Library(files.csv)
+    assert reopened.paths == library.paths and np.array_equal(reopened.matrix, library.matrix)
+    assert any("f.csv is incomplete" in r.getMessage() for r in caplog.records)
+    again = extract_features(tmp_path / "photos", files.csv, **FAST)
+    assert again.stats.embedded == 0 and len(files.csv.read_text().splitlines()) == 7  # the export written again
+    # Without the database, a CSV cut short is refused in one line, never served as a smaller library.
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{files.database}{suffix}").unlink(missing_ok=True)
+    files.csv.write_text(files.csv.read_text()[:-400])
+    with pytest.raises(FeaturesError, match="f.csv is incomplete from row"):
+        Library(files.csv)
+
+
+def test_an_edited_csv_is_taken_in_and_a_bare_one_gets_ids(library, tmp_path):
+    lines = library.files.csv.read_text().splitlines()
+    library.files.csv.write_text("\n".join(lines[:-1]) + "\n")  # a photo deleted from the CSV by hand
+    edited = Library(library.files.csv)
+    assert len(edited) == 5 and list(edited.ids) == list(library.ids[:5])
+    bare = tmp_path / "bare" / "shared.csv"
+    bare.parent.mkdir()
+    bare.write_text("\n".join(lines[:4]) + "\n")
+    shared = Library(bare)
+    assert list(shared.ids) == [0, 1, 2] and shared.config is None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_app(csv: Path, port: int) -> subprocess.Popen:
+    app = subprocess.Popen([sys.executable, "-m", "similar_finder", "app", "--features-file", str(csv), "--port",
+                            str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=2) as response:
+                return app if response.status == 200 else app
+        except OSError:
+            assert app.poll() is None, app.stderr.read().decode()[-2000:]
+            time.sleep(0.3)
+    raise AssertionError("the app did not start")
+
+
+def _post_photo(port: int, data: bytes) -> None:
+    boundary = "similarfinderboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"new.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/library", data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        urllib.request.urlopen(request, timeout=60).read()
+    except OSError:
+        pass  # the server was killed mid-request: that is the point
+
+
+def test_kill_9_of_the_app_during_an_add_leaves_the_old_or_the_new_library(library, tmp_path):
+    before = list(zip(library.ids.tolist(), library.paths))
+    [photo] = make_images(tmp_path / "upload", 1, seed=42)
+    outcomes = set()
+    for delay in (0.05, 0.4, 1.5):
+        port = _free_port()
+        app = _start_app(library.files.csv, port)
+        sender = threading.Thread(target=_post_photo, args=(port, photo.read_bytes()))
+        sender.start()
+        time.sleep(delay)
+        os.killpg(app.pid, signal.SIGKILL)
+        app.wait()
+        sender.join(60)
+        reopened = Library(library.files.csv)
+        now = list(zip(reopened.ids.tolist(), reopened.paths))
+        assert now == before or (now[:-1] == before and now[-1][1].startswith("uploads/new-")), now
+        outcomes.add("old" if now == before else "new")
+        assert not list(tmp_path.glob(".*.tmp")) and not list(library.files.vectors.glob(".*"))
+        if now != before:
+            remove_photos(reopened, [now[-1][0]])
+        shutil.rmtree(library.root / "uploads", ignore_errors=True)
+    app = _start_app(library.files.csv, _free_port())  # and it starts again, whatever the moment of the kill
+    os.killpg(app.pid, signal.SIGKILL)
+    app.wait()
+    assert outcomes  # which moments the kills hit depends on the machine; each left a whole library
