@@ -44,29 +44,33 @@ def test_default_rule_answers_its_own_photos_and_refuses_other_domains(sets, nam
 
 
 def test_new_photos_from_another_source_are_answered_with_their_class(food_features):
-    """One photo a class held out of the food library, each changed as another camera would change it
-    (views.other_source_views): the gate answers them and the first result is of their class."""
+    """Each food photo in turn held out of the library (one a class at a time), changed as another camera would
+    change it (views.other_source_views): the gate answers them and the first result is of their class. Measured:
+    0.992 answered, 0.960 with a first result of their class; Tukey's fence of the library's own scores, the rule
+    before, answered 0.948 (0.917 of their class)."""
     from conftest import FOOD_DB
     from similar_finder.embedding import model_for
     from similar_finder.views import SHIFTS, other_source_views
 
     library = Library(food_features)
     labels = library.labels()
-    held = np.array([np.flatnonzero(labels == label)[0] for label in np.unique(labels)])
-    kept = np.setdiff1d(np.arange(len(library)), held)
-    model = Recommender(threshold=None).fit(library.matrix[kept], [library.paths[i] for i in kept])
     embedder = model_for({"config": library.config})
-    views = [embedder.embed(np.stack(list(other_source_views(FOOD_DB / library.paths[row], 224).values())))
-             for row in held]
+    views = {row: embedder.embed(np.stack(list(other_source_views(FOOD_DB / path, 224).values())))
+             for row, path in enumerate(library.paths)}
+    by_class = [np.flatnonzero(labels == label) for label in np.unique(labels)]
     answered, right = [], []
-    for row, vectors in zip(held, views):
-        distances, indices, gates = model.search(vectors, 1)
-        for d, i, g in zip(distances, indices, gates):
-            result = model.answer(d, i, g)
-            answered.append(len(result) > 0)
-            right.append(len(result) > 0 and result["path"].iloc[0].split("/")[0] == labels[row])
-    assert len(answered) == len(held) * len(SHIFTS)
-    assert np.mean(answered) >= 0.95 and np.mean(right) >= 0.8, (np.mean(answered), np.mean(right))
+    for turn in range(min(len(rows) for rows in by_class)):
+        held = np.array([rows[turn] for rows in by_class])
+        kept = np.setdiff1d(np.arange(len(library)), held)
+        model = Recommender(threshold=None).fit(library.matrix[kept], [library.paths[i] for i in kept])
+        for row in held:
+            distances, indices, gates = model.search(views[row], 1)
+            for d, i, g in zip(distances, indices, gates):
+                result = model.answer(d, i, g)
+                answered.append(len(result) > 0)
+                right.append(len(result) > 0 and result["path"].iloc[0].split("/")[0] == labels[row])
+    assert len(answered) == len(library) * len(SHIFTS)
+    assert np.mean(answered) >= 0.95 and np.mean(right) >= 0.9, (np.mean(answered), np.mean(right))
 
 
 def test_the_gate_is_the_median_plus_a_margin_of_the_spread_by_hand():
