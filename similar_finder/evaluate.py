@@ -23,7 +23,7 @@ import pandas as pd
 
 from ._io import DATA_DIR, DEFAULT_K_RANGE, OUTPUT_DIR, atomic_write, read_json, write_csv, write_json
 from .adapt.pipeline import compare_adapted, fine_tuning_inputs
-from .adapt.training import class_split, stratified_split
+from .adapt.training import baseline_projections, class_split, stratified_split
 from .backbones import BackboneError, weights_value
 from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range
 from .features import extract_features
@@ -248,7 +248,9 @@ def adaptation_table(library: Library, *, split: float | None = 0.5, unseen_clas
                      k: int = 5, fine_tune_blocks: int = 0) -> pd.DataFrame:
     """Plain against adapted retrieval on photos the adapter never saw: a stratified ``split`` of the
     photos held out, and/or half of the classes held out (``unseen_classes``). ``fine_tune_blocks``:
-    the adapters also fine-tune the backbone's last blocks."""
+    the adapters also fine-tune the backbone's last blocks. Beside them, the simple baselines fitted on the
+    same training photos (shrinkage LDA, a linear probe: :func:`baseline_projections`), so that the table
+    shows what adapting bought over what a closed-form projection gets."""
     labels = library.labels(required=True)
     tuning = fine_tuning_inputs(library, fine_tune_blocks)[0] if fine_tune_blocks else None
     rows = []
@@ -256,7 +258,9 @@ def adaptation_table(library: Library, *, split: float | None = 0.5, unseen_clas
         ([("held-out half of the classes", class_split(labels, 0.5))] if unseen_classes else [])
     for name, (train, test) in setups:
         plain, adapted = compare_adapted(library.matrix, labels, train, test, k=k, tuning=tuning)
-        for method, scores in (("plain", plain), ("adapted", adapted)):
+        baselines = baseline_projections(library.matrix, labels, train, test, k=k) if len(set(labels[train])) > 1 \
+            else {}
+        for method, scores in (("plain", plain), *baselines.items(), ("adapted", adapted)):
             rows.append({"test photos": name, "features": method, "train": len(train), "test": len(test), **scores})
     return pd.DataFrame(rows)
 

@@ -116,7 +116,8 @@ class Answer:
         if self.results:
             return None
         if self.refused:
-            return "the photo is farther from every library photo than the library's photos are from each other"
+            return ("the photo is farther from every library photo than the library's photos are from each other, "
+                    "even allowing for another camera")
         return "no library photo is within the distance threshold"
 
 

@@ -37,6 +37,50 @@ def test_adapting_lifts_retrieval_on_photos_it_never_saw(clothing_features):
     assert adapted["mAP"] >= plain["mAP"] + 0.08, (plain, adapted)
 
 
+def test_with_ten_photos_a_class_adapt_is_at_least_the_best_simple_baseline(clothing_features):
+    """The few-shot regime (bench/fewshot_bench.py: 5 to 50 a class, three sets): 10 training photos a class of
+    the clothing sample, the other 40 of each class test photos it never saw."""
+    from similar_finder.adapt.model import embed
+    from similar_finder.adapt.training import baseline_projections, fit_adapter
+    from similar_finder.metrics import retrieval_among
+
+    library = Library(clothing_features)
+    labels = library.labels()
+    rng = np.random.default_rng(0)
+    train = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), 10, replace=False)
+                                    for c in np.unique(labels)]))
+    test = np.setdiff1d(np.arange(len(labels)), train)
+    model, report = fit_adapter(library.matrix[train], labels[train])
+    assert report["method"] in ("lda", "probe", "plain") and report["epochs"] == 0  # no MLP head at 10 a class
+    adapted = retrieval_among(embed(model, library.matrix[test]), labels[test])["precision@5"]
+    plain = retrieval_among(library.matrix[test], labels[test])["precision@5"]
+    baselines = {name: s["precision@5"] for name, s in
+                 baseline_projections(library.matrix, labels, train, test).items()}
+    assert adapted >= plain and adapted >= max(baselines.values()) - 0.01, (plain, baselines, adapted, report)
+
+
+def test_linear_projections_are_the_sklearn_ones():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from similar_finder.adapt.training import linear_head, linear_projection
+
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.normal(size=(30, 6)), np.zeros((30, 1))].astype(np.float32)  # a dimension 0 on every photo
+    labels = np.repeat(["a", "b", "c"], 10)
+    x[labels == "b", 0] += 6
+    weights, bias = linear_projection(x, labels, "lda")
+    expected = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(x[:, :6], labels).transform(x[:, :6])
+    np.testing.assert_allclose(x @ weights + bias, expected, atol=1e-3)
+    assert weights.shape == (7, 2) and not weights[6].any()
+    weights, bias = linear_projection(x[labels != "c"], labels[labels != "c"], "probe")  # two classes: 2 columns
+    assert weights.shape == (7, 2)
+    scores = x[labels != "c"] @ weights + bias
+    # sklearn's binary score is the second class's ("b"): column 0, its negative column 1
+    assert ((np.argmax(scores, 1) == 0) == (labels[labels != "c"] == "b")).mean() >= 0.9
+    unit = np.asarray(linear_head(weights, bias)(x[:4]))
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def adapter(food_features, tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapter")
@@ -99,7 +143,7 @@ def test_evaluate_compares_plain_and_adapted_and_unseen_classes(food_db, food_fe
     assert main(["evaluate", str(food_db), "--features-file", str(food_features), "--out", str(tmp_path),
                  "--adapt-split", "0.5", "--adapt-unseen-classes", "--quiet"]) == 0
     table = pd.read_csv(tmp_path / "evaluation-adaptation.csv")
-    assert list(table["features"]) == ["plain", "adapted"] * 2
+    assert list(table["features"]) == ["plain", "shrinkage LDA", "linear probe", "adapted"] * 2
     assert table["test photos"].nunique() == 2 and (table["precision@5"].between(0, 1)).all()
     assert "adapted to the labelled photos" in capsys.readouterr().out
 

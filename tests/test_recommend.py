@@ -31,23 +31,17 @@ def test_cosine_beats_the_kmeans_baseline(library):
     assert cosine >= 0.8 and (cosine >= kmeans).all(), table
 
 
-def test_new_photos_get_their_own_class_first_or_are_farther_than_any_library_photo(library):
-    opened = Library(library)
-    model = Recommender().fit(opened)
+def test_the_three_food_queries_are_answered_with_their_own_class_first(library):
+    # New photos taken elsewhere (the salad beside the burger in the seed project's README): the gate leaves
+    # room for another source (thresholds.SHIFT_MARGIN), where the fence of 36 stock shots on white refused the salad.
+    model = Recommender().fit(Library(library))
     own_scores = model.search(None, 1)[2]
-    answered = 0
     for query in sorted(FOOD_QUERIES.iterdir()):
         result = recommend(query, 3, library=library)
-        if len(result):
-            answered += 1
-            assert result["path"][0].split("/")[0] == query.name.split("_")[0]
-            assert result["distance"].is_monotonic_increasing
-        else:  # the gate refused it: then it really is farther from the library than any library photo
-            score = model.search(opened.describer()(query), 1)[2][0]
-            assert score >= model.gate_ > own_scores.max(), query.name
-            ungated = Recommender(gate=np.inf).fit(opened).recommend(query, 3)
-            assert ungated["path"][0].split("/")[0] == query.name.split("_")[0]
-    assert answered >= 2
+        assert len(result), query.name
+        assert result["path"][0].split("/")[0] == query.name.split("_")[0], query.name
+        assert result["distance"].is_monotonic_increasing
+    assert model.gate_ > own_scores.max()
 
 
 def test_unrelated_images_get_no_similar_images_found(library, tmp_path, caplog):

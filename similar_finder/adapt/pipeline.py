@@ -76,10 +76,10 @@ def adapt(labelled_dir: str | os.PathLike, out: str | os.PathLike | None = DEFAU
     else:
         model, report = fit_adapter(library.matrix, labels, loss=loss, epochs=epochs, dim=dim)
     before, after = report["plain"], report["adapted"]
-    log.info("held-out precision@5: %.3f plain, %.3f adapted (plain weight %.1f, %d epochs)",
-             before["precision@5"], after["precision@5"], report["plain_weight"], report["epochs"])
+    log.info("held-out precision@5: %.3f plain, %.3f adapted (%s, plain weight %.1f, %d epochs)",
+             before["precision@5"], after["precision@5"], report["method"], report["plain_weight"], report["epochs"])
     if report["plain_weight"] >= 1:
-        log.warning("the head did not beat the plain features on the held-out photos (too few photos per "
+        log.warning("no adapter beat the plain features on the held-out photos (too few photos per "
                     "class?); the adapter passes the plain features through")
     info = {"backbone": library.config, "loss": loss, "dim": dim, "classes": sorted(set(labels)),
             "trained_on": str(labelled_dir.resolve()), **tuning, **report}
