@@ -35,20 +35,28 @@ from similar_finder.store import AUDIT_COLUMNS, FeatureFiles, write_store  # noq
 QUERY_PHOTO = ROOT.parent / "shared" / "data" / "food" / "queries" / "burger_test.jpeg"
 
 
-def synthetic_library(folder: Path, n: int, dim: int = 1280) -> Path:
-    rng = np.random.default_rng(0)
+CONFIG = {"backbone": "efficientnet_lite0", "weights": "imagenet", "input_size": 224, "pooling": "avg", "dim": 1280}
+
+
+def synthetic_vectors(n: int, dim: int = 1280, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """``(audit, matrix)`` of ``n`` photos that do not exist: non-negative vectors around 1,000 centres."""
+    rng = np.random.default_rng(seed)
     centres = rng.random((1000, dim), dtype=np.float32)
     matrix = np.empty((n, dim), np.float32)
     for start in range(0, n, 20_000):
         block = matrix[start:start + 20_000]
         block[:] = centres[rng.integers(0, 1000, len(block))] + 0.5 * rng.random(block.shape, dtype=np.float32)
-    paths = [f"c{i % 100:02d}/{i:06d}.jpg" for i in range(n)]  # no files: the API part needs none
+    paths = [f"c{i % 100:02d}/{seed}-{i:07d}.jpg" for i in range(n)]  # no files: the API part needs none
     audit = pd.DataFrame({"path": paths, "status": "ok", "detail": "", "size": 0, "mtime_ns": 0,
                           "sha256": [hashlib.sha256(p.encode()).hexdigest() for p in paths]})[AUDIT_COLUMNS]
+    return audit, matrix
+
+
+def synthetic_library(folder: Path, n: int, dim: int = 1280) -> Path:
+    audit, matrix = synthetic_vectors(n, dim)
     files = FeatureFiles(folder / "features.csv")
     (folder / "photos").mkdir(exist_ok=True)
-    config = {"backbone": "efficientnet_lite0", "weights": "imagenet", "input_size": 224, "pooling": "avg", "dim": dim}
-    write_store(files, folder / "photos", audit, matrix, config)
+    write_store(files, folder / "photos", audit, matrix, {**CONFIG, "dim": dim})
     return files.csv
 
 

@@ -33,8 +33,8 @@ from .incremental import (CheckpointWriter, KnownResults, MemoryWriter, content_
                           load_previous, mismatch_error, read_partial_config, requested_spec)
 from .library import Library
 from .ray_engine import RayRunner
-from .store import (AUDIT_COLUMNS, STORE_FORMATS, Changes, FeatureFiles, FeaturesError, commit, config_of, read_store,
-                    write_store)
+from .store import (AUDIT_COLUMNS, STORE_FORMATS, Changes, FeatureFiles, FeaturesError, StoredFeatures, commit,
+                    config_of, read_store, write_store)
 
 log = logging.getLogger(__name__)
 
@@ -182,28 +182,50 @@ def add_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
     """
     started = time.perf_counter()
     root, files = library.root, library.files
-    scan = scan_images(root)
-    wanted = set(paths)
-    scan = scan[scan["path"].isin(wanted)].reset_index(drop=True)
-    if len(scan) != len(wanted):
-        missing = sorted(wanted - set(scan["path"]))
-        raise MissingError(f"{', '.join(missing[:3])} is not a photo inside {root}; put it there first")
+    rows = []
+    for path in dict.fromkeys(paths):  # the photos named, not a scan of the whole folder
+        file = root / path
+        if not (file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS):
+            raise MissingError(f"{path} is not a photo inside {root}; put it there first")
+        stat = file.stat()
+        rows.append((path, stat.st_size, stat.st_mtime_ns))
+    scan = pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
     model = model_for(library.meta)
     known = KnownResults()
     shas = content_hashes(scan, root, None, True, None)
+    # Batches padded to a power of two: one photo costs one photo's inference, and few batch shapes are traced.
+    batch_size = min(batch_size, 1 << (len(scan) - 1).bit_length())
     new_shas = InProcessRunner(model, batch_size=batch_size, progress=False).run(
         list(zip(scan["path"], shas)), root, MemoryWriter(known))
     shas = [new_shas.get(p, s) for p, s in zip(scan["path"], shas)]
     audit, matrix = known.table(scan, shas, int(library.config["dim"]))
     usable = audit[audit["status"] != "skipped"].reset_index(drop=True)
+    added = library
     if len(usable):
-        commit(files, Changes(usable, matrix, {}, []), root=root, config=library.config)
-    added = Library(files.csv) if len(usable) else library
+        done = commit(files, Changes(usable, matrix, {}, []), root=root, config=library.config)
+        added = Library(files.csv, stored=_grown(library, usable, matrix, done))
     added.stats = ExtractionStats(images=len(scan), embedded=len(scan), reused=0,
                                   skipped=int((audit["status"] == "skipped").sum()), removed=0,
                                   seconds=round(time.perf_counter() - started, 3))
     added.skipped_now = {r.path: r.detail for r in audit.itertuples(index=False) if r.status == "skipped"}
     return added
+
+
+def _grown(library: Library, usable, matrix: np.ndarray, done: dict) -> StoredFeatures | None:
+    """The committed state after an add, from the snapshot and what was added (None: read it again instead)."""
+    if any(p in library.row_of for p in usable["path"]) or library.fingerprint != library.meta.get("fingerprint"):
+        return None  # a photo's content replaced in place: its row moves
+    if library.audit is None:
+        return None
+    ids = [done["ids"][p] for p in usable["path"]]
+    if ids and min(ids) <= int(library.ids.max(initial=-1)):
+        return None  # another writer committed meanwhile: what it added is read too
+    meta = {**library.meta, "fingerprint": done["fingerprint"], "generation": done["generation"],
+            "rows": len(library) + len(ids)}
+    audit = pd.concat([library.audit, usable[AUDIT_COLUMNS]], ignore_index=True).sort_values(
+        "path", kind="stable", ignore_index=True)
+    return StoredFeatures(library.paths + usable["path"].tolist(), np.concatenate([library.matrix, matrix]), meta,
+                          audit, np.concatenate([library.ids, np.asarray(ids, np.int64)]))
 
 
 def remove_photos(library: Library, image_ids) -> Library:

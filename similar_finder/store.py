@@ -312,11 +312,12 @@ class Changes:
 
 def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | None, sidecar: dict | None = None,
            create: bool = False, fingerprint_as: str | None = None, thresholds: dict | None = None,
-           workers: int = 8) -> None:
+           workers: int = 8) -> dict:
     """Apply ``changes`` in one transaction: after a crash, the library is as it was before or after, never between.
 
-    ``create`` starts a new database (the previous one, if any, is removed first: an import or an
-    ``--overwrite``). Ids are kept by path (and by content across a move); new photos get new ids.
+    ``create`` starts a new database (the previous one, if any, is removed first: an import). Ids are kept by
+    path (and by content across a move); new photos get new ids. Returns ``{"ids": {path: image_id} of the
+    photos put, "fingerprint", "generation"}``.
     """
     put = changes.put.reset_index(drop=True)
     paths = put["path"].tolist()
@@ -350,8 +351,8 @@ def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | 
         generation = int(meta["generation"]) + 1
         # The fingerprint is a function of the content (settings, and each photo's path and hash), as in 0.2: the
         # same photos give the same fingerprint, so values derived from them are found again.
-        rows = db.execute("SELECT path, sha256 FROM photos ORDER BY path").fetchall()
-        stamp = fingerprint_as or fingerprint(config, [r[0] for r in rows], [r[1] for r in rows])
+        held_now = db.execute("SELECT path, sha256 FROM photos ORDER BY path").fetchall()
+        stamp = fingerprint_as or fingerprint(config, [r[0] for r in held_now], [r[1] for r in held_now])
         values = {"generation": generation, "next_id": next_id, "fingerprint": stamp, "config": config,
                   "images_root": os.path.relpath(root, files.csv.parent), "images_root_absolute": str(root),
                   "sidecar": {**meta.get("sidecar", {}), **(sidecar or {})}, "exported": None,
@@ -362,6 +363,7 @@ def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | 
     for name in unused:  # no longer named by the committed state; a crash here leaves a leftover, discarded later
         fault_point()
         (files.vectors / name).unlink(missing_ok=True)
+    return {"ids": {r[1]: r[0] for r in rows}, "fingerprint": stamp, "generation": generation}
 
 
 def _int(value) -> int | None:
