@@ -14,6 +14,7 @@ Every answer comes from one :class:`~similar_finder.service.LibraryService`.
 import json
 import logging
 import sys
+import threading
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -467,8 +468,9 @@ def _swagger_ui_files() -> Path | None:
 
 def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port: int = 8000, originals=None,
           open_browser: bool = False, max_upload_mb: float = 25, max_upload_mp: float = DEFAULT_MAX_UPLOAD_MP,
-          progress: bool = True, **extract_kwargs) -> None:
-    """Extract (if given a folder, or nothing: the demo library), then serve the app until Ctrl-C."""
+          progress: bool = True, watch: bool = False, **extract_kwargs) -> None:
+    """Extract (if given a folder, or nothing: the demo library), then serve the app until Ctrl-C; ``watch``
+    follows the folder while it runs (photos added, changed, moved or removed)."""
     import uvicorn
 
     if images_dir is None and features_file is not None:
@@ -492,7 +494,14 @@ def serve(images_dir=None, *, features_file=None, host: str = "127.0.0.1", port:
         import webbrowser
 
         webbrowser.open(url)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    stop = threading.Event()
+    if watch:
+        app.state.service.watch(stop)
+        print(f"following {library.root}: photos added, changed or removed there join the library", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        stop.set()
 
 
 def _return_freed_memory() -> None:

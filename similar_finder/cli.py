@@ -263,7 +263,7 @@ def _app(args) -> None:
 
     serve(args.images_dir, features_file=args.features_file, host=args.host, port=args.port,
           originals=args.originals, open_browser=args.open, max_upload_mb=args.max_upload_mb,
-          max_upload_mp=args.max_upload_mp, progress=not args.quiet, **_backbone_kwargs(args))
+          max_upload_mp=args.max_upload_mp, progress=not args.quiet, watch=args.watch, **_backbone_kwargs(args))
 
 
 class _ClustersOrOldFile(argparse.Action):
@@ -440,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--originals", default=None, metavar="DIR",
                    help="folder with the same relative paths in full resolution, for the large view and downloads")
     p.add_argument("--open", action="store_true", help="open the page in the browser")
+    p.add_argument("--watch", action="store_true", help="follow the folder while serving: photos added, changed, "
+                                                        "moved or removed there are taken into the library")
     p.add_argument("--max-upload-mb", type=float, default=25, help="largest photo accepted (default: %(default)s)")
     p.add_argument("--max-upload-mp", type=float, default=50,
                    help="most megapixels an uploaded photo may have; larger ones are refused before they are "

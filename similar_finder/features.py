@@ -34,7 +34,7 @@ from .incremental import (CheckpointWriter, KnownResults, MemoryWriter, content_
 from .library import Library
 from .ray_engine import RayRunner
 from .store import (AUDIT_COLUMNS, STORE_FORMATS, Changes, FeatureFiles, FeaturesError, StoredFeatures, commit,
-                    config_of, read_store, write_store)
+                    config_of, plan_changes, read_store, write_store)
 
 log = logging.getLogger(__name__)
 
@@ -176,50 +176,74 @@ def extract_features(
 
 def add_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
     """Embed photos already inside ``library``'s folder (paths relative to it) and commit them: the cost is the
-    photos', not the library's. Photos that cannot be used are not added; ``library.stats`` says how many.
+    photos', not the library's. Photos that cannot be used are not added (``library.skipped_now`` says why).
 
     Returns the library as committed (the ``library`` passed in is a snapshot and stays as it was).
     """
+    for path in paths:
+        file = library.root / path
+        if not (file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS):
+            raise MissingError(f"{path} is not a photo inside {library.root}; put it there first")
+    return update_photos(library, paths, batch_size=batch_size)
+
+
+def update_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
+    """Bring the photos at ``paths`` (relative to the library's folder) in step with the folder, in one commit.
+
+    New or changed photos are embedded (content the library holds already, as after a move, is not), photos
+    gone from the folder are removed, and a photo moved or renamed keeps its id. The cost is that of the photos
+    named: this is what ``app --watch`` runs for each batch of changes it sees.
+    """
     started = time.perf_counter()
     root, files = library.root, library.files
-    rows = []
+    rows, gone = [], []
     for path in dict.fromkeys(paths):  # the photos named, not a scan of the whole folder
         file = root / path
-        if not (file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS):
-            raise MissingError(f"{path} is not a photo inside {root}; put it there first")
-        stat = file.stat()
-        rows.append((path, stat.st_size, stat.st_mtime_ns))
+        if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
+            stat = file.stat()
+            rows.append((path, stat.st_size, stat.st_mtime_ns))
+        elif path in library.row_of:
+            gone.append(path)
     scan = pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
-    model = model_for(library.meta)
+    previous = {"audit": library.audit} if library.audit is not None else None
+    shas = content_hashes(scan, root, previous, True, None)
     known = KnownResults()
-    shas = content_hashes(scan, root, None, True, None)
-    # Batches padded to a power of two: one photo costs one photo's inference, and few batch shapes are traced.
-    batch_size = min(batch_size, 1 << (len(scan) - 1).bit_length())
-    new_shas = InProcessRunner(model, batch_size=batch_size, progress=False).run(
-        list(zip(scan["path"], shas)), root, MemoryWriter(known))
-    shas = [new_shas.get(p, s) for p, s in zip(scan["path"], shas)]
+    held_rows = library.audit[library.audit["sha256"].isin(set(shas))] if library.audit is not None else None
+    for rec in [] if held_rows is None else held_rows.itertuples(index=False):
+        if rec.status != "skipped" and rec.path in library.row_of:
+            known.add(rec.sha256, rec.status, rec.detail, library.matrix[library.row_of[rec.path]])
+    todo = [(p, s) for p, s in zip(scan["path"], shas) if s not in known.by_sha]
+    if todo:
+        # Batches padded to a power of two: one photo costs one photo's inference, and few batch shapes are traced.
+        size = min(batch_size, 1 << (len(todo) - 1).bit_length())
+        new_shas = InProcessRunner(model_for(library.meta), batch_size=size, progress=False).run(
+            todo, root, MemoryWriter(known))
+        shas = [new_shas.get(p, s) for p, s in zip(scan["path"], shas)]
     audit, matrix = known.table(scan, shas, int(library.config["dim"]))
-    usable = audit[audit["status"] != "skipped"].reset_index(drop=True)
-    added = library
-    if len(usable):
-        done = commit(files, Changes(usable, matrix, {}, []), root=root, config=library.config)
-        added = Library(files.csv, stored=_grown(library, usable, matrix, done))
-    added.stats = ExtractionStats(images=len(scan), embedded=len(scan), reused=0,
-                                  skipped=int((audit["status"] == "skipped").sum()), removed=0,
-                                  seconds=round(time.perf_counter() - started, 3))
-    added.skipped_now = {r.path: r.detail for r in audit.itertuples(index=False) if r.status == "skipped"}
-    return added
+    touched = set(scan["path"]) | set(gone)
+    held = pd.DataFrame({"path": [p for p in library.paths if p in touched]})
+    held["sha256"] = [library.audit_sha(p) for p in held["path"]]
+    changes = plan_changes(held, audit, matrix, same_config=True)
+    changes.skipped = None  # the skipped list is the whole folder's: extract keeps it
+    updated = library
+    if not changes.empty:
+        done = commit(files, changes, root=root, config=library.config)
+        simple = not changes.moved and not changes.removed
+        updated = Library(files.csv, stored=_grown(library, changes.put, changes.vectors, done) if simple else None)
+    updated.stats = ExtractionStats(images=len(scan), embedded=len(todo), reused=len(scan) - len(todo),
+                                    skipped=int((audit["status"] == "skipped").sum()), removed=len(changes.removed),
+                                    seconds=round(time.perf_counter() - started, 3))
+    updated.skipped_now = {r.path: r.detail for r in audit.itertuples(index=False) if r.status == "skipped"}
+    return updated
 
 
 def _grown(library: Library, usable, matrix: np.ndarray, done: dict) -> StoredFeatures | None:
     """The committed state after an add, from the snapshot and what was added (None: read it again instead)."""
-    if any(p in library.row_of for p in usable["path"]) or library.fingerprint != library.meta.get("fingerprint"):
+    if any(p in library.row_of for p in usable["path"]) or library.audit is None:
         return None  # a photo's content replaced in place: its row moves
-    if library.audit is None:
-        return None
+    if done["generation"] != library.meta.get("generation", -1) + 1:
+        return None  # another writer committed meanwhile: what it changed is read too
     ids = [done["ids"][p] for p in usable["path"]]
-    if ids and min(ids) <= int(library.ids.max(initial=-1)):
-        return None  # another writer committed meanwhile: what it added is read too
     meta = {**library.meta, "fingerprint": done["fingerprint"], "generation": done["generation"],
             "rows": len(library) + len(ids)}
     audit = pd.concat([library.audit, usable[AUDIT_COLUMNS]], ignore_index=True).sort_values(

@@ -31,11 +31,11 @@ from PIL import Image, ImageOps
 
 from ._io import DEFAULT_K_RANGE, atomic_write
 from .errors import MissingError, SimilarFinderError, UsageError, check_choice
-from .images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, load_image
+from .images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, load_image, scan_images
 from .kinds import describe_many
 from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range
 from .descriptors import DUPLICATE_BITS, duplicate_groups
-from .features import add_photos
+from .features import add_photos, update_photos
 from .library import Library
 from .neighbors import sample_rows
 from .recommender import Recommender, _recommender_for
@@ -516,6 +516,62 @@ class LibraryService:
             self._approaches, self._derived = {}, {}
             self.library, self.catalog = library, library.catalog()
         return self.photo(library.image_id(relative))
+
+    def update_from_folder(self, paths) -> None:
+        """Take changes seen in the folder (photos added, changed, moved or removed: relative paths) into the
+        library, in one commit, then answer from it."""
+        with self._build, self._model:
+            library = update_photos(self.library, paths)
+            if library is not self.library:
+                self._approaches, self._derived = {}, {}
+                self.library, self.catalog = library, library.catalog()
+                stats = library.stats
+                log.info("folder changes: %d embedded, %d known, %d removed, %d unusable (%d photos now)",
+                         stats.embedded, stats.reused, stats.removed, stats.skipped, len(library))
+
+    def watch(self, stop: threading.Event, *, debounce_ms: int = 400) -> threading.Thread:
+        """Follow the images folder in a background thread until ``stop`` is set (the ``watchfiles`` package)."""
+        import watchfiles
+
+        root = self.library.root.resolve()
+        store = self.library.files.csv.parent.resolve()
+        stem = self.library.files.csv.stem
+
+        def relevant(change, path: str) -> bool:  # photos, and folders (a folder moved in brings its photos)
+            file = Path(path)
+            try:
+                relative = file.resolve().relative_to(root)
+            except ValueError:
+                return False
+            inside_store = file.parent.resolve() == store or any(p.startswith(f"{stem}.") for p in relative.parts)
+            hidden = any(p.startswith(".") for p in relative.parts)
+            return not hidden and not inside_store and (file.suffix.lower() in IMAGE_EXTENSIONS or not file.suffix)
+
+        def photos_of(changes) -> list[str]:
+            paths = set()
+            for _, path in changes:
+                relative = Path(path).resolve().relative_to(root).as_posix()
+                if Path(path).is_dir():  # its files may have arrived before the folder was watched
+                    paths.update(scan_images(Path(path))["path"].map(lambda p: f"{relative}/{p}"))
+                elif Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+                    paths.add(relative)
+                else:  # a folder gone: its photos with it
+                    paths.update(p for p in self.library.paths if p.startswith(f"{relative}/"))
+            return sorted(paths)
+
+        def follow():
+            for changes in watchfiles.watch(root, watch_filter=relevant, stop_event=stop, debounce=debounce_ms,
+                                            raise_interrupt=False):
+                paths = photos_of(changes)
+                try:
+                    if paths:
+                        self.update_from_folder(paths)
+                except SimilarFinderError as exc:  # said in one line; the watch goes on
+                    log.warning("could not take %d changed photos into the library: %s", len(paths), exc)
+
+        thread = threading.Thread(target=follow, name="similar-finder-watch", daemon=True)
+        thread.start()
+        return thread
 
     # --- map and duplicates -------------------------------------------------------------
 

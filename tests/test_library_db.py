@@ -204,3 +204,37 @@ def test_kill_9_of_the_app_during_an_add_leaves_the_old_or_the_new_library(libra
     os.killpg(app.pid, signal.SIGKILL)
     app.wait()
     assert outcomes  # which moments the kills hit depends on the machine; each left a whole library
+
+
+def _wait_for(condition, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_app_follows_its_folder_through_the_same_commit(library, tmp_path):
+    from similar_finder.service import LibraryService
+
+    photos = library.root
+    service = LibraryService(library)
+    stop = threading.Event()
+    service.watch(stop, debounce_ms=100)
+    try:
+        time.sleep(0.5)  # the watch is set up
+        [new] = make_images(photos / "0first", 1, seed=11)
+        assert _wait_for(lambda: "0first/img0000.jpg" in service.library.paths)
+        new_id = service.library.image_id("0first/img0000.jpg")
+        assert new_id == 6 and service.photo(new_id)["path"] == "0first/img0000.jpg"
+        moved_id = service.library.image_id("b/img0001.jpg")
+        (photos / "b" / "img0001.jpg").rename(photos / "b" / "renamed.jpg")
+        assert _wait_for(lambda: "b/renamed.jpg" in service.library.paths)
+        assert service.library.image_id("b/renamed.jpg") == moved_id  # a rename keeps the id
+        (photos / "a" / "img0002.jpg").unlink()
+        assert _wait_for(lambda: "a/img0002.jpg" not in service.library.paths)
+        (photos / "notes.txt").write_text("not a photo")  # ignored, like the store's own files
+        assert len(Library(library.files.csv)) == 6 and service.similar(new_id).results
+    finally:
+        stop.set()
