@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from .incremental import (CheckpointWriter, KnownResults, MemoryWriter, content_
 from .library import Library
 from .ray_engine import RayRunner
 from .store import (AUDIT_COLUMNS, STORE_FORMATS, Changes, FeatureFiles, FeaturesError, StoredFeatures, commit,
-                    config_of, plan_changes, read_store, write_store)
+                    config_of, plan_changes, read_store, spare_rows, write_store)
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +207,8 @@ def update_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
         elif path in library.row_of:
             gone.append(path)
     scan = pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
-    previous = {"audit": library.audit} if library.audit is not None else None
+    named = library.audit[library.audit["path"].isin(set(scan["path"]))] if library.audit is not None else None
+    previous = {"audit": named} if named is not None else None
     shas = content_hashes(scan, root, previous, True, None)
     known = KnownResults()
     held_rows = library.audit[library.audit["sha256"].isin(set(shas))] if library.audit is not None else None
@@ -228,8 +231,7 @@ def update_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
     updated = library
     if not changes.empty:
         done = commit(files, changes, root=root, config=library.config)
-        simple = not changes.moved and not changes.removed
-        updated = Library(files.csv, stored=_grown(library, changes.put, changes.vectors, done) if simple else None)
+        updated = Library(files.csv, stored=_after(library, changes, done))
     updated.stats = ExtractionStats(images=len(scan), embedded=len(todo), reused=len(scan) - len(todo),
                                     skipped=int((audit["status"] == "skipped").sum()), removed=len(changes.removed),
                                     seconds=round(time.perf_counter() - started, 3))
@@ -237,19 +239,61 @@ def update_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
     return updated
 
 
-def _grown(library: Library, usable, matrix: np.ndarray, done: dict) -> StoredFeatures | None:
-    """The committed state after an add, from the snapshot and what was added (None: read it again instead)."""
-    if any(p in library.row_of for p in usable["path"]) or library.audit is None:
+def _after(library: Library, changes: Changes, done: dict) -> StoredFeatures | None:
+    """The committed state after ``changes``, made from the snapshot (None: read it again instead)."""
+    put = changes.put
+    if any(p in library.row_of for p in put["path"]) or library.audit is None:
         return None  # a photo's content replaced in place: its row moves
     if done["generation"] != library.meta.get("generation", -1) + 1:
         return None  # another writer committed meanwhile: what it changed is read too
-    ids = [done["ids"][p] for p in usable["path"]]
+    paths, matrix, ids = library.paths, library.matrix, library.ids
+    audit = library.audit
+    if changes.removed:
+        gone = {library.row_of[p] for p in changes.removed if p in library.row_of}
+        keep = np.array([r not in gone for r in range(len(paths))])
+        paths, matrix, ids = [p for p, k in zip(paths, keep) if k], matrix[keep], ids[keep]
+        audit = audit[~audit["path"].isin(set(changes.removed))]
+    if changes.moved:
+        paths = [changes.moved.get(p, p) for p in paths]
+        audit = audit.assign(path=audit["path"].map(lambda p: changes.moved.get(p, p)))
+    added = [done["ids"][p] for p in put["path"]]
     meta = {**library.meta, "fingerprint": done["fingerprint"], "generation": done["generation"],
-            "rows": len(library) + len(ids)}
-    audit = pd.concat([library.audit, usable[AUDIT_COLUMNS]], ignore_index=True).sort_values(
+            "rows": len(paths) + len(added)}
+    audit = pd.concat([audit, put[AUDIT_COLUMNS]], ignore_index=True).sort_values(
         "path", kind="stable", ignore_index=True)
-    return StoredFeatures(library.paths + usable["path"].tolist(), np.concatenate([library.matrix, matrix]), meta,
-                          audit, np.concatenate([library.ids, np.asarray(ids, np.int64)]))
+    return StoredFeatures(paths + put["path"].tolist(), _appended(matrix, changes.vectors) if len(put) else matrix,
+                          meta, audit, np.concatenate([ids, np.asarray(added, np.int64)]))
+
+
+_GROWN: dict[int, int] = {}  # rows used of each buffer grown into, by its address (forgotten with the buffer)
+_GROWN_LOCK = threading.Lock()
+
+
+def _appended(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix`` with ``rows`` after it, written into the free rows after it when it has them (O(rows)).
+
+    ``matrix`` stays as it was: snapshots still answering see their own rows only. A buffer's free rows are taken
+    once; a second add to the same older snapshot gets a copy.
+    """
+    n, k = len(matrix), len(rows)
+    buffer = matrix.base
+    prefix = (isinstance(buffer, np.ndarray) and buffer.ndim == 2 and buffer.shape[1] == matrix.shape[1]
+              and buffer.dtype == matrix.dtype
+              and buffer.__array_interface__["data"][0] == matrix.__array_interface__["data"][0])
+    with _GROWN_LOCK:
+        address = matrix.__array_interface__["data"][0]
+        if prefix and len(buffer) >= n + k and _GROWN.get(address, n) == n:
+            if address not in _GROWN:
+                weakref.finalize(buffer, _GROWN.pop, address, None)
+            _GROWN[address] = n + k
+            buffer[n:n + k] = rows
+            return buffer[:n + k]
+    grown = np.empty((n + k + spare_rows(n + k), matrix.shape[1]), matrix.dtype)
+    grown[:n], grown[n:n + k] = matrix, rows
+    with _GROWN_LOCK:
+        _GROWN[grown.__array_interface__["data"][0]] = n + k
+        weakref.finalize(grown, _GROWN.pop, grown.__array_interface__["data"][0], None)
+    return grown[:n + k]
 
 
 def remove_photos(library: Library, image_ids) -> Library:
@@ -261,9 +305,10 @@ def remove_photos(library: Library, image_ids) -> Library:
         if row is None:
             raise MissingError(f"no photo {image_id} in {library.files.csv.name}")
         paths.append(library.paths[row])
-    commit(library.files, Changes(pd.DataFrame(columns=AUDIT_COLUMNS), np.zeros((0, library.matrix.shape[1]),
-                                  np.float32), {}, paths), root=library.root, config=library.config)
-    return Library(library.files.csv)
+    changes = Changes(pd.DataFrame(columns=AUDIT_COLUMNS), np.zeros((0, library.matrix.shape[1]), np.float32), {},
+                      paths)
+    done = commit(library.files, changes, root=library.root, config=library.config)
+    return Library(library.files.csv, stored=_after(library, changes, done))
 
 
 def load_features(csv: str | os.PathLike = DEFAULT_FEATURES) -> tuple[list[str], np.ndarray, dict]:

@@ -325,11 +325,21 @@ def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | 
         facts = list(pool.map(photo_facts, (root / p for p in paths)))
     with _writer(files, create=create) as db:
         meta = _meta(db)
+        content = _content_sum(db, meta)
+        before = dict(_select_in(db, "SELECT path, sha256 FROM photos WHERE path IN",
+                                 [*paths, *changes.moved, *changes.removed]))
+        for path in changes.removed:
+            content -= _photo_hash(path, before.get(path, ""))
+        for old, new in changes.moved.items():
+            content += _photo_hash(new, before.get(old, "")) - _photo_hash(old, before.get(old, ""))
+        for path, sha in zip(paths, put["sha256"].fillna("")):
+            content += _photo_hash(path, sha) - (_photo_hash(path, before[path]) if path in before else 0)
+        content %= 2 ** 256
         segment = _write_segment(files, db, changes.vectors) if len(put) else None
         for old, new in changes.moved.items():
             db.execute("UPDATE photos SET path = ?, folder = ? WHERE path = ?", (new, folder_of(new), old))
         db.executemany("DELETE FROM photos WHERE path = ?", [(p,) for p in changes.removed])
-        held = dict(db.execute("SELECT path, image_id FROM photos"))
+        held = dict(_select_in(db, "SELECT path, image_id FROM photos WHERE path IN", paths))
         next_id = int(meta["next_id"])
         rows = []
         for slot, (rec, fact) in enumerate(zip(put.itertuples(index=False), facts)):
@@ -349,11 +359,13 @@ def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | 
         db.execute("DELETE FROM segments WHERE segment NOT IN (SELECT DISTINCT segment FROM photos)")
         db.execute("UPDATE photos SET cluster = NULL WHERE cluster IS NOT NULL")  # clusters of the old library
         generation = int(meta["generation"]) + 1
-        # The fingerprint is a function of the content (settings, and each photo's path and hash), as in 0.2: the
-        # same photos give the same fingerprint, so values derived from them are found again.
-        held_now = db.execute("SELECT path, sha256 FROM photos ORDER BY path").fetchall()
-        stamp = fingerprint_as or fingerprint(config, [r[0] for r in held_now], [r[1] for r in held_now])
+        # The fingerprint is a function of the content (the settings, and the set of photos' paths and hashes): the
+        # same photos give the same fingerprint, so values derived from them are found again. The set's hash is a
+        # sum kept up to date change by change, so a commit costs what it changes.
+        stamp = fingerprint_as or hashlib.sha256(
+            json.dumps(config, sort_keys=True, default=str).encode() + f"{content:064x}".encode()).hexdigest()[:32]
         values = {"generation": generation, "next_id": next_id, "fingerprint": stamp, "config": config,
+                  "content_sum": f"{content:064x}",
                   "images_root": os.path.relpath(root, files.csv.parent), "images_root_absolute": str(root),
                   "sidecar": {**meta.get("sidecar", {}), **(sidecar or {})}, "exported": None,
                   "dim": int(changes.vectors.shape[1]) if len(put) else meta.get("dim")}
@@ -364,6 +376,24 @@ def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | 
         fault_point()
         (files.vectors / name).unlink(missing_ok=True)
     return {"ids": {r[1]: r[0] for r in rows}, "fingerprint": stamp, "generation": generation}
+
+
+def _select_in(db: sqlite3.Connection, query: str, values: list, chunk: int = 500):
+    """Rows of ``query`` (ending in ``IN``) for ``values``, asked in chunks (SQLite bounds a statement's values)."""
+    for start in range(0, len(values), chunk):
+        part = values[start:start + chunk]
+        yield from db.execute(f"{query} ({','.join('?' * len(part))})", part)
+
+
+def _photo_hash(path: str, sha: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{path}\t{sha}".encode()).digest(), "big")
+
+
+def _content_sum(db: sqlite3.Connection, meta: dict) -> int:
+    """The sum of every photo's hash (mod 2^256), as recorded, or computed once from the photos."""
+    if meta.get("content_sum") is not None:
+        return int(meta["content_sum"], 16)
+    return sum(_photo_hash(p, s) for p, s in db.execute("SELECT path, sha256 FROM photos")) % 2 ** 256
 
 
 def _int(value) -> int | None:
@@ -442,7 +472,9 @@ def _read_database(files: FeatureFiles, damaged: str) -> StoredFeatures | None:
 
 def _read_vectors(files, photos: pd.DataFrame, segments: pd.DataFrame, dim: int, meta: dict):
     """The matrix in the order of ``photos``, each segment checked by length and CRC-32 as it is read."""
-    matrix = np.empty((len(photos), dim), np.float32)
+    # Room for a few adds after the last row: a photo added later is written there, not into a copy of all.
+    buffer = np.empty((len(photos) + spare_rows(len(photos)), dim), np.float32)
+    matrix = buffer[:len(photos)]
     lost_segments, reasons = [], []
     position = pd.Series(np.arange(len(photos)), index=photos.index)
     for seg in segments.itertuples(index=False):
@@ -461,6 +493,11 @@ def _read_vectors(files, photos: pd.DataFrame, segments: pd.DataFrame, dim: int,
     message = (f"{reasons[0]}{f' (and {len(reasons) - 1} more segments)' if len(reasons) > 1 else ''}; run "
                f"`similar-finder extract {root} --features-file {files.csv}` to embed them again")
     return matrix, (message, lost_segments)
+
+
+def spare_rows(n: int) -> int:
+    """Rows kept free after a library's matrix for photos added later (3%: memory stays near the vectors)."""
+    return max(256, n // 32)
 
 
 def _check_segment(path: Path, seg, dim: int, matrix: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> str | None:
