@@ -33,18 +33,19 @@ from .errors import MissingError, check_choice
 from .images import ImageError, load_image, scan_images
 from .neighbors import Neighbors
 
-FIT_SIDE = 320          # px of the longer side keypoints are found at: copies of any size meet at one scale
-ORB_FEATURES = 400      # keypoints a photo (and as many for its mirror): ~25 kB a photo, 2.5 GB at 100k
-CNN_CANDIDATES = 8      # nearest neighbours by CNN vector verified per photo (caps the verification work)
+FIT_SIDE = 256          # px of the longer side keypoints are found at: copies of any size meet at one scale
+ORB_FEATURES = 300      # keypoints a photo (and as many for its mirror): ~25 kB a photo, 2.5 GB at 100k
+CNN_CANDIDATES = 6      # nearest neighbours by CNN vector verified per photo (caps the verification work)
 HASH_CANDIDATES = 3     # and by perceptual hash, of the photo and of its mirror
 RATIO = 0.8             # Lowe's ratio test: a match counts when clearly better than the second best
-RANSAC_PX = 6.0         # reprojection error (px at FIT_SIDE) of a match that agrees with the fit
+RANSAC_PX = 5.0         # reprojection error (px at FIT_SIDE) of a match that agrees with the fit
 MIN_INLIERS = 12        # agreeing matches that make a copy (tuned on clothing seed 0, see bench/duplicates_bench.py)
 MIN_SPREAD = 0.12       # share of each side the agreeing keypoints must span: a shared caption or logo is no copy
 SCALE_RANGE = (0.4, 2.5)  # a fit outside it is a coincidence, not a copy (a crop to 40% is another photo)
 CROPPED_BELOW = 0.9     # share of the kept photo a copy still covers below which it is called cropped
 ROTATED_ABOVE = 1.5     # degrees of tilt from which a copy is called rotated
-SAME_LOOK_BELOW = 4.0   # mean grey difference (of 255) of an aligned copy still called only resized/recompressed
+SAME_LOOK_BELOW = 3.5   # mean difference (of 255, both blurred) of an aligned copy still only resized/recompressed
+BLURRED_BELOW = 0.5     # share of the kept photo's fine detail (Laplacian variance) under which a copy was blurred
 RELATIONS = ("same file", "same pixels", "mirrored", "rotated", "cropped", "resized", "recompressed", "edited")
 
 
@@ -69,6 +70,7 @@ class _Photo:
     modified: float                # mtime
     quantization: float            # mean JPEG quantisation step (0 for lossless): lower is less compressed
     sha256: str
+    bits: np.ndarray               # pHash of the photo and of its mirror image
     pixels: np.ndarray             # RGB, longer side FIT_SIDE
     grey: np.ndarray = field(repr=False)
     views: tuple = field(repr=False)   # (points, descriptors) of the photo and of its mirror
@@ -103,7 +105,9 @@ def _read(root: Path, path: str) -> _Photo:
     for view in (grey, np.ascontiguousarray(grey[:, ::-1])):
         points, descriptors = orb.detectAndCompute(view, None)
         views.append((np.float32([p.pt for p in points]).reshape(-1, 2), descriptors))
-    return _Photo(path, width, height, len(data), file.stat().st_mtime, quantization, hashlib.sha256(data).hexdigest(), pixels, grey,
+    bits = np.stack([perceptual_hash(pixels), perceptual_hash(np.ascontiguousarray(pixels[:, ::-1]))])
+    return _Photo(path, width, height, len(data), file.stat().st_mtime, quantization, hashlib.sha256(data).hexdigest(),
+                  bits, pixels, grey,
                   tuple(views))
 
 
@@ -168,12 +172,19 @@ def _relation(copy: _Photo, keep: _Photo, match: _Match | None) -> str:
         return "cropped"
     aligned = cv2.warpAffine(copy.pixels, t, (kw, kh)).astype(np.float32)
     inside = cv2.warpAffine(np.ones((h, w), np.uint8), t, (kw, kh)) > 0
-    difference = np.abs(aligned - keep.pixels.astype(np.float32))[inside].mean()
+    # Compared a little blurred: JPEG blocks and resampling vanish, a new brightness, contrast or caption stays.
+    difference = np.abs(cv2.GaussianBlur(aligned, (0, 0), 2.0)
+                        - cv2.GaussianBlur(keep.pixels.astype(np.float32), (0, 0), 2.0))[inside].mean()
     grey_copy = np.ptp(copy.pixels.astype(np.int16), axis=2).mean() < 3 <= np.ptp(keep.pixels.astype(np.int16),
                                                                                     axis=2).mean()
     if grey_copy or difference > SAME_LOOK_BELOW:
         return "edited"
-    return "recompressed" if (copy.width, copy.height) == (keep.width, keep.height) else "resized"
+    if (copy.width, copy.height) != (keep.width, keep.height):
+        return "resized"
+    # At the same size, a copy that lost most of its fine detail was blurred, not only recompressed.
+    sharpness = [cv2.Laplacian(cv2.cvtColor(p, cv2.COLOR_RGB2GRAY), cv2.CV_32F)[inside].var()
+                 for p in (aligned.clip(0, 255).astype(np.uint8), keep.pixels)]
+    return "edited" if sharpness[0] < BLURRED_BELOW * sharpness[1] else "recompressed"
 
 
 def _candidates(photos: list[_Photo], vectors: np.ndarray | None) -> set[tuple[int, int]]:
@@ -190,8 +201,8 @@ def _candidates(photos: list[_Photo], vectors: np.ndarray | None) -> set[tuple[i
         if len(known) > 1:
             _, found = Neighbors("cosine").fit(vectors[known]).kneighbors(n_neighbors=CNN_CANDIDATES)
             add(known, known[found])
-    bits = np.stack([perceptual_hash(p.pixels) for p in photos])
-    mirror = np.stack([perceptual_hash(np.ascontiguousarray(p.pixels[:, ::-1])) for p in photos])
+    bits = np.stack([p.bits[0] for p in photos])
+    mirror = np.stack([p.bits[1] for p in photos])
     index = Neighbors("hamming").fit(bits)
     add(range(n), index.kneighbors(n_neighbors=HASH_CANDIDATES)[1])
     add(range(n), index.kneighbors(mirror, n_neighbors=HASH_CANDIDATES + 1)[1])
@@ -211,28 +222,35 @@ def _components(n: int, links) -> list[list[int]]:
     return [g for g in groups if len(g) > 1]
 
 
-def _library_vectors(root: Path, paths: list[str], library) -> np.ndarray | None:
-    """The CNN vectors of ``paths`` from ``library`` (a Library or its features file) when it is of this folder.
+def _library_vectors(root: Path, paths: list[str], library) -> np.ndarray:
+    """The CNN vectors of ``paths`` from a library of this folder: ``library`` (a Library or its features file, or a
+    list of them, the first that exists and is of this folder wins).
 
-    Photos the library lacks get NaN rows (found by hash candidates only). ``library=None``: the folder's photos
+    Photos the library lacks get NaN rows (found by hash candidates only). No library of this folder: the photos
     are embedded once with EfficientNet-Lite0 in a temporary library (the slow part on a folder seen first).
     """
     from .library import Library, as_library
 
-    if library is None:
+    found = None
+    for candidate in library if isinstance(library, (list, tuple)) else [library]:
+        if candidate is None or (isinstance(candidate, (str, os.PathLike)) and not Path(candidate).is_file()):
+            continue
+        candidate = as_library(candidate)
+        if candidate.root.resolve() == root.resolve():
+            found = candidate
+            break
+    if found is None:
         from .features import extract_features
 
         with tempfile.TemporaryDirectory() as tmp:
             extract_features(root, Path(tmp) / "features.csv", "efficientnet_lite0", progress=False)
-            library = Library(Path(tmp) / "features.csv")
-            library.vectors("cnn")
-    library = as_library(library)
-    if library.root.resolve() != root.resolve():
-        return None
-    matrix = library.vectors("cnn")
+            found = Library(Path(tmp) / "features.csv")
+            matrix = np.array(found.vectors("cnn"))  # a copy: the temporary files go
+    else:
+        matrix = found.vectors("cnn")
     out = np.full((len(paths), matrix.shape[1]), np.nan, np.float32)
     for i, path in enumerate(paths):
-        row = library.row_of.get(path)
+        row = found.row_of.get(path)
         if row is not None:
             out[i] = matrix[row]
     return out
