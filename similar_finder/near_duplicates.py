@@ -172,9 +172,11 @@ def _relation(copy: _Photo, keep: _Photo, match: _Match | None) -> str:
         return "cropped"
     aligned = cv2.warpAffine(copy.pixels, t, (kw, kh)).astype(np.float32)
     inside = cv2.warpAffine(np.ones((h, w), np.uint8), t, (kw, kh)) > 0
-    # Compared a little blurred: JPEG blocks and resampling vanish, a new brightness, contrast or caption stays.
-    difference = np.abs(cv2.GaussianBlur(aligned, (0, 0), 2.0)
-                        - cv2.GaussianBlur(keep.pixels.astype(np.float32), (0, 0), 2.0))[inside].mean()
+    # Compared blurred by ~2 px of the smaller photo: JPEG blocks and resampling vanish, a new brightness, contrast
+    # or caption stays.
+    sigma = 2.0 * FIT_SIDE / min(max(copy.width, copy.height), max(keep.width, keep.height), FIT_SIDE)
+    difference = np.abs(cv2.GaussianBlur(aligned, (0, 0), sigma)
+                        - cv2.GaussianBlur(keep.pixels.astype(np.float32), (0, 0), sigma))[inside].mean()
     grey_copy = np.ptp(copy.pixels.astype(np.int16), axis=2).mean() < 3 <= np.ptp(keep.pixels.astype(np.int16),
                                                                                     axis=2).mean()
     if grey_copy or difference > SAME_LOOK_BELOW:

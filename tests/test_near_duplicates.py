@@ -48,8 +48,9 @@ def edited(food_db, tmp_path_factory) -> tuple[Path, dict[str, tuple[str, str]]]
                 label = "same file"
             else:
                 edit, label = EDITS[name]
-                with Image.open(original) as img:
-                    edit(img.convert("RGB")).save(copy, quality=20 if name == "q20" else 95)
+                with Image.open(original) as img:  # saved as compressed as the original, but q20
+                    options = {"quality": 20} if name == "q20" else {"qtables": img.quantization}
+                    edit(img.convert("RGB")).save(copy, **options)
             later = original.stat().st_mtime + 60  # a copy is made after its original (the keeper's tie-break)
             os.utime(copy, (later, later))
             truth[copy.relative_to(folder).as_posix()] = (original.relative_to(folder).as_posix(), label)
