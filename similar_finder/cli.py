@@ -219,10 +219,9 @@ def _duplicates(args) -> None:
 
     root = Path(args.images_dir)
     out = Path(args.out) if args.out else OUTPUT_DIR / root.resolve().name / "duplicates"
-    # A library of this folder (the one named, the app's, or data/features.csv) lends its CNN vectors; else the
-    # folder is embedded once, in a temporary library.
-    libraries = [args.features_file] if args.features_file else [
-        DATA_DIR / "libraries" / f"{root.resolve().name}.csv", DEFAULT_FEATURES]
+    # A library of this folder (the one named, else the app's) lends its CNN vectors; else the folder is embedded
+    # once, in a temporary library.
+    libraries = [args.features_file, DATA_DIR / "libraries" / f"{root.resolve().name}.csv"]
     left_out: dict[str, str] = {}
     groups = write_duplicates(root, out, args.max_distance, args.kind, library=libraries, left_out=left_out)
     for path, why in left_out.items():
@@ -411,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     _renamed(p, "--hash", _kind(p, None, HASH_KINDS, help="pure perceptual-hash answer instead, by this hash (one "
                                                          "of the hash kinds; with --max-distance "
                                                          f"{DUPLICATE_BITS} unless given)"))
-    _features_file(p, None, help="library of IMAGES_DIR whose CNN vectors propose the candidates (default: "
-                                 "data/libraries/<folder>.csv or data/features.csv when of this folder, else "
-                                 "the folder is embedded first)")
+    _features_file(p, help="library whose CNN vectors propose the candidates, used when it is of IMAGES_DIR "
+                           "(default: %(default)s; else the app's data/libraries/<folder>.csv; else the folder is "
+                           "embedded first)")
     _out(p, None, "duplicates.csv and the pictures (default: output/<folder>/duplicates)")
     p.set_defaults(run=_duplicates)
 

@@ -30,7 +30,10 @@ from PIL import Image
 from ._io import write_csv
 from .descriptors import DUPLICATE_BITS, HASH_KINDS, duplicate_groups, perceptual_hash
 from .errors import MissingError, check_choice
+from .features import extract_features
 from .images import ImageError, load_image, scan_images
+from .kinds import describe_many
+from .library import Library, as_library
 from .neighbors import Neighbors
 
 FIT_SIDE = 256          # px of the longer side keypoints are found at: copies of any size meet at one scale
@@ -231,8 +234,6 @@ def _library_vectors(root: Path, paths: list[str], library) -> np.ndarray:
     Photos the library lacks get NaN rows (found by hash candidates only). No library of this folder: the photos
     are embedded once with EfficientNet-Lite0 in a temporary library (the slow part on a folder seen first).
     """
-    from .library import Library, as_library
-
     found = None
     for candidate in library if isinstance(library, (list, tuple)) else [library]:
         if candidate is None or (isinstance(candidate, (str, os.PathLike)) and not Path(candidate).is_file()):
@@ -242,8 +243,6 @@ def _library_vectors(root: Path, paths: list[str], library) -> np.ndarray:
             found = candidate
             break
     if found is None:
-        from .features import extract_features
-
         with tempfile.TemporaryDirectory() as tmp:
             extract_features(root, Path(tmp) / "features.csv", "efficientnet_lite0", progress=False)
             found = Library(Path(tmp) / "features.csv")
@@ -300,8 +299,6 @@ def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarr
 
 
 def _hash_groups(root: Path, paths: list[str], max_distance: int, kind: str, n_jobs: int):
-    from .kinds import describe_many
-
     described = describe_many(root, paths, (kind,), n_jobs)
     keep = [i for i, v in enumerate(described) if v is not None]
     left_out = {paths[i]: "unreadable" for i, v in enumerate(described) if v is None}
