@@ -37,7 +37,7 @@ from .library import Library, as_library
 from .neighbors import Neighbors
 
 FIT_SIDE = 256          # px of the longer side keypoints are found at: copies of any size meet at one scale
-ORB_FEATURES = 300      # keypoints a photo (and as many for its mirror): ~25 kB a photo, 2.5 GB at 100k
+ORB_FEATURES = 300      # keypoints a photo (and as many for its mirror): ~24 kB a photo, 2.4 GB at 100k
 CNN_CANDIDATES = 6      # nearest neighbours by CNN vector verified per photo (caps the verification work)
 HASH_CANDIDATES = 3     # and by perceptual hash, of the photo and of its mirror
 RATIO = 0.8             # Lowe's ratio test: a match counts when clearly better than the second best
@@ -74,8 +74,7 @@ class _Photo:
     quantization: float            # mean JPEG quantisation step (0 for lossless): lower is less compressed
     sha256: str
     bits: np.ndarray               # pHash of the photo and of its mirror image
-    pixels: np.ndarray             # RGB, longer side FIT_SIDE
-    grey: np.ndarray = field(repr=False)
+    pixels: np.ndarray | None = field(repr=False)  # RGB, longer side FIT_SIDE: kept only to label a group
     views: tuple = field(repr=False)   # (points, descriptors) of the photo and of its mirror
 
     @property
@@ -92,7 +91,7 @@ class _Match:
     transform: np.ndarray          # 2x3: points of the first photo (mirrored when ``mirrored``) into the second
 
 
-def _read(root: Path, path: str) -> _Photo:
+def _read(root: Path, path: str, keep_pixels: bool = False) -> _Photo:
     import cv2  # opencv: only when duplicates are verified
 
     file = root / path
@@ -110,7 +109,7 @@ def _read(root: Path, path: str) -> _Photo:
         views.append((np.float32([p.pt for p in points]).reshape(-1, 2), descriptors))
     bits = np.stack([perceptual_hash(pixels), perceptual_hash(np.ascontiguousarray(pixels[:, ::-1]))])
     return _Photo(path, width, height, len(data), file.stat().st_mtime, quantization, hashlib.sha256(data).hexdigest(),
-                  bits, pixels, grey,
+                  bits, pixels if keep_pixels else None,
                   tuple(views))
 
 
@@ -166,9 +165,9 @@ def _relation(copy: _Photo, keep: _Photo, match: _Match | None) -> str:
     t = match.transform
     if abs(math.degrees(math.atan2(t[1, 0], t[0, 0]))) > ROTATED_ABOVE:
         return "rotated"
-    h, w = copy.grey.shape
+    h, w = copy.pixels.shape[:2]
     corners = cv2.transform(np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2), t).reshape(-1, 2)
-    kh, kw = keep.grey.shape
+    kh, kw = keep.pixels.shape[:2]
     frame = np.float32([[0, 0], [kw, 0], [kw, kh], [0, kh]])
     covered, _ = cv2.intersectConvexConvex(corners, frame)
     if covered / (kw * kh) < CROPPED_BELOW:
@@ -267,9 +266,9 @@ def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarr
     root = Path(root)
     workers = os.cpu_count() if n_jobs in (-1, None) else max(1, int(n_jobs))
 
-    def read(path):
+    def read(path, keep_pixels=False):
         try:
-            return _read(root, path)
+            return _read(root, path, keep_pixels)
         except (ImageError, OSError) as exc:
             return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -288,10 +287,16 @@ def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarr
     groups = []
     for members in _components(len(photos), linked):
         best = max(members, key=lambda i: photos[i].rank)
+        # Read again with their pixels (which 100k photos would not hold in memory) to be told apart.
+        full = {i: read(photos[i].path, keep_pixels=True) for i in members}
         relation = {}
         for i in members:
-            if i != best:  # verified again in the direction copy -> kept, which the labels read
-                relation[photos[i].path] = _relation(photos[i], photos[best], _verify(photos[i], photos[best]))
+            if i == best:
+                continue
+            if isinstance(full[i], str) or isinstance(full[best], str):  # changed since it was read a moment ago
+                relation[photos[i].path] = "edited"
+            else:  # verified again in the direction copy -> kept, which the labels read
+                relation[photos[i].path] = _relation(full[i], full[best], _verify(full[i], full[best]))
         order = [best] + sorted((i for i in members if i != best), key=lambda i: photos[i].path)
         groups.append(DuplicateGroup([photos[i].path for i in order], relation))
     groups.sort(key=lambda g: (-len(g), g[0]))
