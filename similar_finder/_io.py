@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -30,6 +31,18 @@ DEFAULT_CLUSTERS = DATA_DIR / "clusters.csv"
 DEFAULT_K_RANGE = range(2, 11)
 
 _UMASK_LOCK = threading.Lock()
+# Fault injection, the way SQLite tests itself: with this variable set to N, the process exits hard at its N-th
+# write step (tests/test_library_db.py crashes a change at every step and checks what the next open finds).
+CRASH_AT_ENV = "SIMILAR_FINDER_CRASH_AT"
+CRASH_EXIT = 86
+_STEPS = itertools.count(1)
+
+
+def fault_point() -> None:
+    """Mark one write step (a file renamed or removed, an SQL statement of a change)."""
+    at = os.environ.get(CRASH_AT_ENV)
+    if at and next(_STEPS) == int(at):
+        os._exit(CRASH_EXIT)
 
 
 @functools.cache
@@ -52,12 +65,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     renamed over ``path`` once the block succeeds, removed if it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # The writer's process id in the name tells a leftover of a killed writer from a file being written.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        fault_point()
         os.replace(tmp, path)
+        fault_point()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

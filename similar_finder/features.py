@@ -26,13 +26,13 @@ from ._io import DEFAULT_FEATURES, write_json
 from .engines import ENGINES, InProcessRunner
 from .errors import MissingError, check_choice, check_positive
 from .adapt.model import load_adapter
-from .embedding import build_model
+from .embedding import build_model, model_for
 from .images import IMAGE_EXTENSIONS, scan_images
-from .incremental import (CheckpointWriter, KnownResults, content_hashes, drop_checkpoints, load_previous,
-                          mismatch_error, read_partial_config, requested_spec)
+from .incremental import (CheckpointWriter, KnownResults, MemoryWriter, content_hashes, drop_checkpoints,
+                          load_previous, mismatch_error, read_partial_config, requested_spec)
 from .library import Library
 from .ray_engine import RayRunner
-from .store import AUDIT_COLUMNS, STORE_FORMATS, FeatureFiles, FeaturesError, config_of, read_store, write_store
+from .store import STORE_FORMATS, Changes, FeatureFiles, FeaturesError, commit, config_of, read_store, write_store
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,10 @@ def extract_features(
         config = (previous or in_progress)["config"]
 
     audit, matrix = known.table(scan, shas, int(config["dim"]))
-    unchanged = (previous is not None and previous["audit"][AUDIT_COLUMNS].astype(str).equals(audit.astype(str))
-                 and held_format == store_format)
-    if not unchanged:
-        write_store(files, root, audit, matrix, config_of(config), store_format)
+    # Only what changed is committed (ids kept by path, and by content across a move); the exports follow.
+    stored = write_store(files, root, audit, matrix, config_of(config), store_format,
+                         intact=None if previous is None else set(previous["paths"]),
+                         held=None if previous is None else previous["stored"])
     drop_checkpoints(files)
     stats = ExtractionStats(
         images=len(scan), embedded=len(todo), reused=reused,
@@ -167,10 +167,41 @@ def extract_features(
     )
     log.info("%d vectors in %s (%d embedded, %d reused, %d skipped, %d removed) in %.1f s",
              len(matrix), files.csv, stats.embedded, stats.reused, stats.skipped, stats.removed, stats.seconds)
-    library = Library(files.csv, stored=previous["stored"] if unchanged else None)
+    library = Library(files.csv, stored=stored)
     library.stats = stats
-    library.catalog()  # the photos' facts for browsing, kept in step with the vectors
     return library
+
+
+def add_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
+    """Embed photos already inside ``library``'s folder (paths relative to it) and commit them: the cost is the
+    photos', not the library's. Photos that cannot be used are not added; ``library.stats`` says how many.
+
+    Returns the library as committed (the ``library`` passed in is a snapshot and stays as it was).
+    """
+    started = time.perf_counter()
+    root, files = library.root, library.files
+    scan = scan_images(root)
+    wanted = set(paths)
+    scan = scan[scan["path"].isin(wanted)].reset_index(drop=True)
+    if len(scan) != len(wanted):
+        missing = sorted(wanted - set(scan["path"]))
+        raise MissingError(f"{', '.join(missing[:3])} is not a photo inside {root}; put it there first")
+    model = model_for(library.meta)
+    known = KnownResults()
+    shas = content_hashes(scan, root, None, True, None)
+    new_shas = InProcessRunner(model, batch_size=batch_size, progress=False).run(
+        list(zip(scan["path"], shas)), root, MemoryWriter(known))
+    shas = [new_shas.get(p, s) for p, s in zip(scan["path"], shas)]
+    audit, matrix = known.table(scan, shas, int(library.config["dim"]))
+    usable = audit[audit["status"] != "skipped"].reset_index(drop=True)
+    if len(usable):
+        commit(files, Changes(usable, matrix, {}, []), root=root, config=library.config)
+    added = Library(files.csv) if len(usable) else library
+    added.stats = ExtractionStats(images=len(scan), embedded=len(scan), reused=0,
+                                  skipped=int((audit["status"] == "skipped").sum()), removed=0,
+                                  seconds=round(time.perf_counter() - started, 3))
+    added.skipped_now = {r.path: r.detail for r in audit.itertuples(index=False) if r.status == "skipped"}
+    return added
 
 
 def load_features(csv: str | os.PathLike = DEFAULT_FEATURES) -> tuple[list[str], np.ndarray, dict]:

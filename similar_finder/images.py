@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import io
 import os
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import SimilarFinderError, UsageError
 
@@ -150,3 +152,40 @@ def _to_rgb(img: Image.Image, fixes: list[str]) -> Image.Image:
     elif mode != "RGB":
         fixes.append(f"{mode} converted to RGB")
     return img.convert("RGB")
+
+
+# --- facts read from a photo's header (the catalog's columns) ------------------------
+
+PHOTO_FACTS = ("width", "height", "taken", "camera")
+
+
+def folder_of(path: str) -> str:
+    """The folder of a relative path ("" for a photo at the top of the library)."""
+    parent = Path(path).parent.as_posix()
+    return "" if parent == "." else parent
+
+
+def photo_facts(file: str | os.PathLike) -> dict:
+    """Width and height (upright), EXIF date taken (ISO 8601) and camera, from the file's header only."""
+    facts = dict.fromkeys(PHOTO_FACTS)
+    try:
+        with Image.open(file) as img:
+            width, height = img.size
+            exif = img.getexif()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return facts  # extraction already said why such a file is unusable
+    if exif.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned a quarter: shown the other way up
+        width, height = height, width
+    facts.update(width=width, height=height)
+    taken = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal) or exif.get(ExifTags.Base.DateTime)
+    facts["taken"] = _iso_date(taken)
+    camera = " ".join(str(exif.get(tag, "")).strip("\x00 ") for tag in (ExifTags.Base.Make, ExifTags.Base.Model))
+    facts["camera"] = camera.strip() or None
+    return facts
+
+
+def _iso_date(value) -> str | None:
+    try:
+        return datetime.strptime(str(value).strip("\x00 "), "%Y:%m:%d %H:%M:%S").isoformat()
+    except (TypeError, ValueError):
+        return None  # absent, or a camera's "0000:00:00 00:00:00"

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ._io import atomic_write, file_sha256, read_json, write_json
 from .backbones import requested_config, weights_value
-from .store import AUDIT_COLUMNS, FORMAT_VERSION, FeatureFiles, FeaturesError, config_of, read_store, read_vectors
+from .store import AUDIT_COLUMNS, FeatureFiles, FeaturesError, config_of, read_store, read_vectors
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +67,19 @@ def mismatch_error(files: FeatureFiles, held: dict, wanted: dict) -> FeaturesErr
 
 
 def load_previous(files: FeatureFiles, root: Path) -> dict | None:
-    if not (files.exists() and files.meta.is_file() and files.audit.is_file()):
+    """The committed store a run updates (photos whose vectors were damaged left out, to be embedded again);
+    None when there is none, or only a bare CSV, which the run replaces."""
+    if not files.exists():
         return None
-    stored = read_store(files.csv)
+    stored = read_store(files.csv, damaged="drop")
     meta = stored.meta
-    if meta.get("format") != FORMAT_VERSION or "config" not in meta:
-        raise FeaturesError(f"{files.meta} is not a sidecar this version understands; pass --overwrite")
+    if "config" not in meta:
+        return None
     if Path(meta["images_root"]) != root:
         raise FeaturesError(
             f"{files.csv} holds the features of {meta['images_root']}, not {root}. "
             f"Use another --out file for this folder, or --overwrite to replace it."
         )
-    if "thresholds" in meta and not files.thresholds.exists():  # version 0.1 kept them in the sidecar
-        write_json(files.thresholds, {key: {"fingerprint": meta["fingerprint"], **calibration}
-                                      for key, calibration in meta["thresholds"].items()})
     return {"files": files, "paths": stored.paths, "matrix": stored.matrix, "config": meta["config"],
             "audit": stored.audit, "stored": stored}
 
@@ -176,6 +175,19 @@ def content_hashes(scan, root, previous, needed, workers) -> list[str | None]:
             for i, digest in zip(to_hash, digests):
                 shas[i] = digest
     return shas
+
+
+class MemoryWriter:
+    """Records results in :class:`KnownResults` only: for a few photos added at once, nothing to resume."""
+
+    def __init__(self, known: KnownResults):
+        self.known = known
+
+    def add(self, sha: str, status: str, detail: str, vector: np.ndarray | None) -> None:
+        self.known.add(sha, status, detail, vector)
+
+    def flush(self) -> None:
+        pass
 
 
 class CheckpointWriter:

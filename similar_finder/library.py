@@ -3,7 +3,7 @@
 ``Library(csv)`` reads a feature store (see :mod:`.store`) and is then what every
 later step takes: the recommender, the K-Means baseline, the evaluation,
 ``run_all`` and the app. It holds ``paths``, ``matrix`` (CNN features), ``meta``,
-``root`` (the images folder) and ``fingerprint``, and it is the only code that
+``root`` (the images folder), ``ids`` (each photo's image_id) and ``fingerprint``, and it is the only code that
 reads and writes what is derived from the features:
 
 * ``vectors(kind)`` – any registered feature kind (:mod:`.kinds`), computed once
@@ -11,7 +11,7 @@ reads and writes what is derived from the features:
   fingerprint, per-photo descriptors by each photo's SHA-256;
 * ``query(file, kind)`` – a query's vector, looked up if it is a library photo;
 * ``threshold_for`` / ``save_threshold`` – calibrations (:class:`~.thresholds.Calibration`),
-  kept in ``<stem>.thresholds.json`` (``thresholds``: the records as stored);
+  kept in the library's database (``thresholds``: the records as stored);
 * ``labels()`` – classes from the first folder of each path, when there are any.
 """
 from __future__ import annotations
@@ -26,13 +26,15 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from ._io import DEFAULT_FEATURES, atomic_write, file_sha256, read_json, write_json
-from .catalog import Catalog, update_catalog
+from ._io import DEFAULT_FEATURES, atomic_write, file_sha256
+from .catalog import Catalog
 from .embedding import embed_file
+from .errors import UsageError
 from .images import ImageError, labels_from_paths
 from .kinds import describe, describe_many, get_kind
 from .reduce import DEFAULT_COMPONENTS, fit_pca
-from .store import FeatureFiles, FeaturesError, StoredFeatures, find_in_library, read_store, require_file
+from .store import (FeatureFiles, FeaturesError, StoredFeatures, find_in_library, read_store, require_file,
+                    save_thresholds, thresholds_of)
 from .thresholds import Calibration
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,9 @@ class Library:
         self.audit: pd.DataFrame | None = stored.audit
         self.root = Path(self.meta["images_root"])
         self.fingerprint: str = self.meta["fingerprint"]
+        self.ids: np.ndarray = stored.ids  # each photo's image_id: given once, never moved or reused
         self.row_of = {p: i for i, p in enumerate(self.paths)}
+        self.row_of_id = {int(i): r for r, i in enumerate(self.ids)}
         self.stats = None  # set by extract_features: what the run that produced this library did
         self._vectors: dict[str, np.ndarray] = {"cnn": self.matrix}
         self.models: dict = {}  # models fitted on this library, reused by recommend() and the app
@@ -135,15 +139,19 @@ class Library:
             self._vectors.update(self._per_photo(missing))
 
     def catalog(self):
-        """The photos' facts in SQLite (:class:`~similar_finder.catalog.Catalog`), written now if missing or stale."""
-        catalog = Catalog(self.files.catalog)
+        """The photos' facts for browsing (:class:`~similar_finder.catalog.Catalog`), read from the library's
+        database; a database gone or damaged since this library was read is rebuilt first."""
+        catalog = Catalog(self.files.database)
         try:
-            fresh = catalog.path.is_file() and catalog.fingerprint == self.fingerprint
+            catalog.fingerprint
         except sqlite3.DatabaseError:
-            fresh = False
-        if not fresh:
-            return Catalog(update_catalog(self))  # a new reader: the old one's connection holds the old file
+            read_store(self.files.csv)  # rebuilds it from the exports, saying so
+            catalog = Catalog(self.files.database)
         return catalog
+
+    def image_id(self, path: str) -> int:
+        """The image_id of a library photo (a path relative to ``root``)."""
+        return int(self.ids[self.row_of[path]])
 
     def shas(self) -> list[str]:
         """Each photo's SHA-256 (hashed now for a bare CSV, which has no audit)."""
@@ -208,13 +216,11 @@ class Library:
     @property
     def thresholds(self) -> dict:
         """Calibrated thresholds by ``"<kind>/<metric>"``."""
-        if self.files.thresholds.is_file():
-            try:
-                return read_json(self.files.thresholds)
-            except (OSError, ValueError) as exc:
-                raise FeaturesError(f"cannot read {self.files.thresholds}: {exc}; delete it and calibrate "
-                                    f"again (run-all does)") from exc
-        return self.meta.get("thresholds", {})  # where version 0.1 kept them
+        try:
+            return thresholds_of(self.files)
+        except sqlite3.DatabaseError as exc:
+            raise FeaturesError(f"cannot read the thresholds in {self.files.database}: {exc}; run the extraction "
+                                f"again") from None
 
     def threshold_for(self, kind: str, metric: str, center: bool) -> Calibration | None:
         """The :class:`Calibration` stored for this kind, metric and centring, if made on this very library."""
@@ -233,10 +239,8 @@ class Library:
             calibration = Calibration.from_dict(calibration)
         if calibration.metric is None:
             raise UsageError("a calibration to store must say its metric (it is stored by kind and metric)")
-        held = self.thresholds
-        held[f"{kind}/{calibration.metric}"] = {**calibration.to_dict(), "features": kind,
-                                                "fingerprint": self.fingerprint}
-        write_json(self.files.thresholds, held)
+        save_thresholds(self.files, {f"{kind}/{calibration.metric}": {
+            **calibration.to_dict(), "features": kind, "fingerprint": self.fingerprint}})
 
 
 def as_library(library) -> Library:
@@ -253,7 +257,7 @@ def open_library(csv: str | os.PathLike = DEFAULT_FEATURES) -> Library:
         return Library(files.csv)  # says what is missing and how to make it
     # A cheap test for "same files as last time": the store is re-read when any of them changes.
     stamps = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
-                   for p in (files.csv, files.meta, files.npy))
+                   for p in (files.csv, files.database, Path(f"{files.database}-wal")))
     return _open_cached(str(files.csv), stamps)
 
 

@@ -87,7 +87,7 @@ class Approach(BaseEstimator):
 
     def answer(self, distances: np.ndarray, indices: np.ndarray, gate_score: float | None = None, *,
                threshold: float | None = None, gate: float | None = None) -> pd.DataFrame:
-        """One query's results that the calibration keeps, closest first: ``path``, ``distance``.
+        """One query's results that the calibration keeps, closest first: ``path``, ``image_id``, ``distance``.
 
         An explicit ``threshold`` or ``gate`` (``np.inf``: off) replaces that one
         number for this answer only (see :meth:`Calibration.overridden`).
@@ -98,7 +98,11 @@ class Approach(BaseEstimator):
         return self._frame(distances[keep], indices[keep])
 
     def _frame(self, distances: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
-        return pd.DataFrame({"path": [self.paths_[i] for i in rows], "distance": distances.astype(float)})
+        rows = np.asarray(rows, np.int64)
+        # A library photo is named by its stable image_id; photos given as a bare matrix by their row.
+        ids = rows if self.library_ is None else self.library_.ids[rows]
+        return pd.DataFrame({"path": [self.paths_[i] for i in rows], "image_id": ids.astype(np.int64),
+                             "distance": distances.astype(float)})
 
     def recommend(self, file, n_sample: int = 4, threshold: float | None = None, *,
                   gate: float | None = None) -> pd.DataFrame:
@@ -288,8 +292,8 @@ def recommend(file, n_sample: int = 4, threshold: float | None = None, metric: s
               expand: bool = False) -> pd.DataFrame:
     """The ``n_sample`` most similar library images to ``file``, closest first, that pass gate and threshold.
 
-    Returns a DataFrame with ``path`` (relative to the images folder) and
-    ``distance``; an empty one means "No similar images found". ``kind`` picks
+    Returns a DataFrame with ``path`` (relative to the images folder), ``image_id``
+    (the photo's stable id in the library) and ``distance``; an empty one means "No similar images found". ``kind`` picks
     what is compared: ``"cnn"`` (default), ``"pca"``, ``"color"``, ``"ahash"``,
     ``"dhash"``, ``"phash"`` or ``"pixels"``; ``metric=None`` uses that kind's
     metric. ``library`` is a :class:`Library` or the feature CSV of the photos

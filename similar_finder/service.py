@@ -8,9 +8,9 @@ Everything derived is cached beside the store by content hash (thumbnails by
 SHA-256 in ``<stem>.thumbs/``, the map and the K-Means model by fingerprint),
 so a restarted server recomputes nothing.
 
-Files are found only through the library's own index: an ``image_id`` is a row
-of the library, and a file is served only if it resolves inside the images
-folder (or ``originals``). Queries never change the library; a photo is added
+Files are found only through the library's own index: an ``image_id`` is the
+photo's stable id in the library's database, and a file is served only if it
+resolves inside the images folder (or ``originals``). Queries never change the library; a photo is added
 only by :meth:`add_photo`, on request.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, load_image
 from .kinds import describe_many
 from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range
 from .descriptors import DUPLICATE_BITS, duplicate_groups
-from .features import extract_features
+from .features import add_photos
 from .library import Library
 from .near_duplicates import near_duplicates
 from .neighbors import sample_rows
@@ -243,18 +243,19 @@ class LibraryService:
         return {"total": total, "offset": query.get("offset", 0), "images": rows}
 
     def photo(self, image_id) -> dict:
-        """The catalog row of ``image_id``; :class:`NotFound` for anything that is not a library row."""
+        """The catalog row of ``image_id``; :class:`NotFound` for anything that is not a library photo's id."""
         text = str(image_id)
         # Only the plain spelling names a photo: int() would also take "+1", " 1", "1_0", "٣" (aliases of others).
         canonical = text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and (text == "0" or text[0] != "0")
         if isinstance(image_id, bool) or not canonical:
-            raise NotFound(f"no photo {image_id!r} in this library (an image_id is a row number: 0, 1, 2, ...)")
-        row = int(text)
-        if not 0 <= row < len(self.library):
+            raise NotFound(f"no photo {image_id!r} in this library (an image_id is a whole number: 0, 1, 2, ...)")
+        library = self.library  # one snapshot for the whole answer, whatever an add swaps in meanwhile
+        row = library.row_of_id.get(int(text))
+        if row is None:
             raise NotFound(f"no photo {image_id!r} in this library")
-        photo = self.catalog.get(row)
-        if photo is None or photo["path"] != self.library.paths[row]:
-            raise NotFound(f"no photo {image_id!r} in this library (the catalog is out of date)")
+        photo = self.catalog.get(int(text))
+        if photo is None or photo["path"] != library.paths[row]:  # removed or moved by a commit after this snapshot
+            raise NotFound(f"no photo {image_id!r} in this library (it was changed a moment ago; reload)")
         return {**photo, "original": self._original(photo["path"]) is not None}
 
     # --- similar photos -----------------------------------------------------------------
@@ -342,7 +343,7 @@ class LibraryService:
                 raise UsageError("K-Means needs at least 3 photos")
             model = library.cached("kmeans-app", lambda: KMeansBaseline(
                 k_range=clip_k_range(DEFAULT_K_RANGE, len(library))).fit(library))
-            catalog.set_clusters(model.labels_, library.fingerprint)
+            catalog.set_clusters(dict(zip(library.ids.tolist(), model.labels_.tolist())), library.fingerprint)
             return model
 
         # A sort by cluster and the K-Means approach, asked at once, tune it once.
@@ -352,7 +353,8 @@ class LibraryService:
         """The photos most similar to a library photo (never itself)."""
         photo = self.photo(image_id)
         batcher = self._batcher(approach)
-        row = photo["image_id"] if batcher.model_row is None else batcher.model_row.get(photo["image_id"])
+        row = self.library.row_of_id[photo["image_id"]]
+        row = row if batcher.model_row is None else batcher.model_row.get(row)
         if row is None:
             raise NotFound(f"photo {image_id} ({photo['path']}) has no {APPROACHES[approach]}: "
                            f"{batcher.left_out.get(photo['path'], 'it cannot be read')}; run the extraction again")
@@ -371,13 +373,13 @@ class LibraryService:
     def _answer(self, name, batcher: _Batcher, distances, indices, gates) -> Answer:
         model = batcher.model
         frame = model.answer(distances[0], indices[0], None if gates is None else gates[0])
-        row_of, root = self.library.row_of, self.library.root
+        library, root = self.library, self.library.root
         results, gone = [], dict(batcher.left_out)
         for rec in frame.to_dict("records"):
             if not (root / rec["path"]).is_file():  # deleted since the extraction: it drops out, said in the note
                 gone[rec["path"]] = "its file is gone"
                 continue
-            results.append({"image_id": row_of[rec["path"]], "path": rec["path"],
+            results.append({"image_id": library.image_id(rec["path"]), "path": rec["path"],
                             "distance": round(float(rec["distance"]), 6),
                             **({"cluster": int(rec["cluster"])} if "cluster" in rec else {})})
         refused = bool(gates is not None and not model.calibration_.admits(gates[0]))  # why it is empty
@@ -499,12 +501,13 @@ class LibraryService:
                     except OSError as exc:  # a name the file system refuses, a full disk, no permission
                         raise UploadError(f"{filename} cannot be saved in {folder}: {exc.strerror or exc}; "
                                           f"choose a shorter or plainer name") from None
-                cfg = self.library.config or {}
-                library = extract_features(self.library.root, self.library.files.csv, None, progress=False,
-                                           adapter=(cfg.get("adapter") or {}).get("path"), **self.extract_kwargs)
                 relative = target.relative_to(root).as_posix()
+                if relative in self.library.row_of:  # the same photo sent again: already in the library
+                    return self.photo(self.library.image_id(relative))
+                library = add_photos(self.library, [relative])
                 if relative not in library.row_of:
-                    raise UploadError(f"{filename} was not taken into the library: see {library.files.skipped}")
+                    raise UploadError(f"{filename} was not taken into the library: "
+                                      f"{library.skipped_now.get(relative, 'it cannot be read')}")
             except BaseException:
                 if created:
                     target.unlink(missing_ok=True)
@@ -512,7 +515,7 @@ class LibraryService:
             # New answers for the new library; requests already running finish with the old ones.
             self._approaches, self._derived = {}, {}
             self.library, self.catalog = library, library.catalog()
-        return self.photo(library.row_of[relative])
+        return self.photo(library.image_id(relative))
 
     # --- map and duplicates -------------------------------------------------------------
 
@@ -531,10 +534,10 @@ class LibraryService:
                 job = derived[key] = _Job(lambda: library.cached(f"{key}-{MAP_MAX}",
                                                                  lambda: self._compute_map(library, method)))
         rows, points = job.result(wait)
-        paths = library.paths
+        paths, ids = library.paths, library.ids
         return {"method": {"tsne": "t-SNE", "umap": "UMAP"}[method], "total": len(paths), "shown": len(rows),
                 "sampled": len(rows) < len(paths),
-                "points": [{"image_id": int(r), "path": paths[r], "x": round(float(x), 5), "y": round(float(y), 5)}
+                "points": [{"image_id": int(ids[r]), "path": paths[r], "x": round(float(x), 5), "y": round(float(y), 5)}
                            for r, (x, y) in zip(rows, points)]}
 
     @staticmethod
@@ -554,13 +557,13 @@ class LibraryService:
         """
         groups, left_out = self._once(self._derived, f"duplicates-{max_distance}",
                                       lambda: self._duplicate_groups(max_distance))
-        paths, root, gone = self.library.paths, self.library.root, dict(left_out)
+        paths, ids, root, gone = self.library.paths, self.library.ids, self.library.root, dict(left_out)
         kept = []
         for group, relation in groups:  # a photo deleted since leaves its group (and a group of one is no group)
             present = [r for r in group if (root / paths[r]).is_file()]
             gone.update({paths[r]: "its file is gone" for r in group if r not in present})
             if len(present) > 1:
-                kept.append([{"image_id": int(r), "path": paths[r], "keep": r == group[0],
+                kept.append([{"image_id": int(ids[r]), "path": paths[r], "keep": r == group[0],
                               "relation": relation.get(paths[r], "kept" if r == group[0] else None)}
                              for r in present])
         return {"groups": kept, "message": None if kept else "No near-duplicates found", "note": _left_out_note(gone)}

@@ -1,54 +1,82 @@
-"""The feature store: where vectors live on disk, and the only code that reads or writes them.
+"""The feature store: one SQLite database that is the library's single commit point, and the only code that reads
+or writes vectors.
 
-A store is named by its CSV (``features.csv``, one row per photo:
-``path,f0,...,f{D-1}``); beside it, all named by :class:`FeatureFiles`:
+A store is named by its CSV (``features.csv``); the truth is the database beside it, ``features.sqlite``
+(WAL mode, so readers go on while a writer commits). It holds every photo with its **image_id** (given once, never
+moved or reused: a photo keeps it across adds, removals, restarts, re-extraction and renames of the same content),
+path, SHA-256, status, the facts the app browses by, and where its vector lies; the skipped files; the settings;
+the calibrated thresholds; and the list of vector segments, each with its length and CRC-32. The vectors
+themselves are append-only segment files (``features.vectors/00000001.f32``, raw float32 rows): a change writes a
+new segment and then commits it, with the photos that point into it, in one SQLite transaction. A kill at any
+instant therefore leaves the previous state or the new one; a segment or temporary file no transaction names is
+a leftover, discarded at the next open with one line. Adding k photos to a library of n writes k vectors and k
+rows, never the other n.
 
-* ``features.json`` – the sidecar: backbone, weights, input size, pooling,
-  dimension, images root, library versions, counts and the **fingerprint**;
-* ``features.npy`` – the same matrix in binary, so large libraries load in
-  well under a second (the CSV stays the format people open and share);
-* ``features.files.csv`` – the audit: every file found, ``ok``, ``fixed`` or
-  ``skipped``, with the reason and its content hash (SHA-256);
-* ``features.skipped.csv`` – the skipped files alone, with the reason;
-* ``features.parquet/`` – with ``store_format="parquet"`` (for libraries where
-  a CSV is absurd), the vectors as Parquet parts *instead of* the CSV and
-  ``.npy``: ``path, sha256, vector`` rows, read memory-mapped;
-* ``features.shards/`` – only while a Ray extraction runs: its workers'
-  results, so a run that was killed resumes from them;
-* ``features.thresholds.json`` – thresholds calibrated for this library;
-* ``features.sqlite`` – the catalog: per-photo facts for browsing (:mod:`.catalog`);
-* ``features.thumbs/`` – thumbnails for the app, by content hash;
-* ``features.cache/`` – values derived from the features (PCA, colour
-  histograms, hashes, ...).
+Beside it, written by ``extract`` as the **export** of the committed state (the design card's CSV), and never
+read while the database is intact:
 
-One freshness rule holds for everything derived: it is keyed by content hashes,
-never by dates. A photo is known by its SHA-256; the whole library by its
-fingerprint, the hash of its configuration and of its photos' hashes in order.
-:func:`write_store` writes every file atomically; :func:`read_store` reads them.
+* ``features.csv`` – one row per photo, ``path,f0,...,f{D-1}`` (``features.parquet/`` parts instead, with
+  ``store_format="parquet"``), and ``features.npy``, the same matrix in binary;
+* ``features.files.csv`` – the audit: every file found, ``ok``, ``fixed`` or ``skipped``, with its reason and
+  content hash; ``features.skipped.csv`` – the skipped files alone;
+* ``features.json`` – the sidecar: backbone, weights, input size, pooling, dimension, images root, versions,
+  counts and the fingerprint.
+
+A CSV with no database (shared on its own, or written by an earlier version with its ``.npy``, audit and sidecar)
+is imported into one when first opened; a damaged database is rebuilt from the exports, and a damaged segment
+is named, with what to do, never served. Derived values live in ``features.cache/``, ``features.thumbs/`` and
+``features.faiss``, keyed by the library's **fingerprint**, which changes with every committed change.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
+import sqlite3
 import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_write, read_json, write_csv, write_json
+from ._io import atomic_write, fault_point, read_json, write_csv, write_json
 from .errors import MissingError, SimilarFinderError, check_choice
+from .images import PHOTO_FACTS, folder_of, photo_facts
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # the sidecar's format
+SCHEMA_VERSION = 2  # the database's; 1 was the catalog alone
 STORE_FORMATS = ("csv", "parquet")
 PARQUET_PART_ROWS = 100_000  # rows per Parquet part: a part is written and read whole
 FLOAT_FORMAT = "%.9g"  # 9 significant digits round-trip float32 exactly
 AUDIT_COLUMNS = ["path", "status", "detail", "size", "mtime_ns", "sha256"]
+CATALOG_COLUMNS = ("image_id", "path", "folder", "sha256", "bytes", "width", "height", "taken", "camera", "status",
+                   "detail", "cluster")
 CONFIG_KEYS = ("backbone", "weights", "input_size", "pooling", "dim", "adapter")
+READ_CHUNK_BYTES = 64 * 2**20  # a segment is checked and copied in pieces this large: memory stays the matrix
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE segments (segment INTEGER PRIMARY KEY, file TEXT UNIQUE NOT NULL, rows INTEGER NOT NULL,
+                       bytes INTEGER NOT NULL, crc32 INTEGER NOT NULL);
+CREATE TABLE photos (
+    image_id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, folder TEXT NOT NULL, sha256 TEXT NOT NULL,
+    bytes INTEGER, mtime_ns INTEGER, width INTEGER, height INTEGER, taken TEXT, camera TEXT, status TEXT NOT NULL,
+    detail TEXT, cluster INTEGER, segment INTEGER NOT NULL REFERENCES segments, slot INTEGER NOT NULL);
+CREATE INDEX photos_folder ON photos (folder);
+CREATE INDEX photos_taken ON photos (taken);
+CREATE INDEX photos_sha ON photos (sha256);
+CREATE TABLE skipped (path TEXT PRIMARY KEY, sha256 TEXT, bytes INTEGER, mtime_ns INTEGER, reason TEXT);
+CREATE TABLE thresholds (key TEXT PRIMARY KEY, record TEXT NOT NULL);
+"""
 
 
 class FeaturesError(SimilarFinderError):
@@ -92,17 +120,25 @@ class FeatureFiles:
     def shards(self) -> Path:
         return self._beside(".shards")
 
+    @property
+    def vectors(self) -> Path:
+        """The folder of vector segments."""
+        return self._beside(".vectors")
+
+    @property
+    def database(self) -> Path:
+        return self._beside(".sqlite")
+
+    catalog = database  # the app browses the same database
+
     def exists(self) -> bool:
-        """Whether a store was written here (in either format)."""
-        return self.csv.is_file() or (self.meta.is_file() and self.parquet.is_dir())
+        """Whether a store was written here (a database, a CSV, or Parquet parts with their sidecar)."""
+        return self.database.is_file() or self.csv.is_file() or (self.meta.is_file() and self.parquet.is_dir())
 
     @property
     def thresholds(self) -> Path:
+        """Where version 0.2 kept calibrations (imported into the database)."""
         return self._beside(".thresholds.json")
-
-    @property
-    def catalog(self) -> Path:
-        return self._beside(".sqlite")
 
     @property
     def thumbnails(self) -> Path:
@@ -119,12 +155,18 @@ class FeatureFiles:
 
 @dataclass
 class StoredFeatures:
-    """What a store holds: paths (relative to ``meta["images_root"]``), the matrix, the sidecar, the audit."""
+    """What a store holds, in image_id order: ids, paths (relative to ``meta["images_root"]``), the matrix, the
+    sidecar, the audit (every file found, skipped ones too)."""
 
     paths: list[str]
     matrix: np.ndarray
     meta: dict
     audit: pd.DataFrame | None
+    ids: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.ids is None:
+            self.ids = np.arange(len(self.paths), dtype=np.int64)
 
 
 def config_of(spec: dict) -> dict:
@@ -132,8 +174,8 @@ def config_of(spec: dict) -> dict:
     return {k: spec[k] for k in CONFIG_KEYS if k in spec or k != "adapter"}
 
 
-def fingerprint(config: dict, paths, shas) -> str:
-    """The library's identity: its configuration and its photos' content hashes, in order."""
+def fingerprint(config: dict | None, paths, shas) -> str:
+    """A library's identity: its configuration and its photos' paths and content hashes, in path order."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for path, sha in zip(paths, shas):
         digest.update(f"\n{path}\t{sha}".encode())
@@ -145,44 +187,441 @@ def content_fingerprint(paths, matrix: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(matrix).tobytes() + "\n".join(paths).encode()).hexdigest()[:32]
 
 
+# --- the database -----------------------------------------------------------------------
+
+def _connect(files: FeatureFiles, *, write: bool = False) -> sqlite3.Connection:
+    db = sqlite3.connect(files.database, isolation_level=None, timeout=30, check_same_thread=False)
+    if write:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a committed change survives a power cut, not only a kill
+        db.set_trace_callback(lambda _statement: fault_point())
+    return db
+
+
+def _meta(db: sqlite3.Connection) -> dict:
+    return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+
+
+def _set_meta(db: sqlite3.Connection, **values) -> None:
+    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                   [(k, json.dumps(v, default=str)) for k, v in values.items()])
+
+
+def _is_ours(db: sqlite3.Connection) -> bool:
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "segments" not in tables:
+        return False
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    return row is not None and json.loads(row[0]) == SCHEMA_VERSION
+
+
+@contextlib.contextmanager
+def _writer(files: FeatureFiles, *, create: bool = False, timeout: float = 30):
+    """A write transaction: the one writer at a time, leftovers of killed writers discarded first."""
+    if create:
+        _remove_database(files)
+    files.database.parent.mkdir(parents=True, exist_ok=True)
+    db = _connect(files, write=True)
+    db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+    try:
+        db.execute("BEGIN IMMEDIATE")  # the writers' lock, taken before anything is written
+        if create:
+            for statement in filter(str.strip, _SCHEMA.split(";")):  # inside the transaction: all or nothing
+                db.execute(statement)
+            _set_meta(db, schema=SCHEMA_VERSION, uuid=uuid.uuid4().hex, generation=0, next_id=0, next_segment=1)
+        elif not _is_ours(db):
+            raise FeaturesError(f"{files.database} is not a similar_finder library database")
+        _discard_leftovers(files, db)
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
+
+
+def _remove_database(files: FeatureFiles) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{files.database}{suffix}").unlink(missing_ok=True)
+    shutil.rmtree(files.vectors, ignore_errors=True)
+
+
+def _leftovers(files: FeatureFiles, named: set[str]) -> list[Path]:
+    """Segments no transaction committed, and temporary files of the store whose writer is dead."""
+    found = [p for p in files.vectors.iterdir() if p.name not in named and not _being_written(p)] \
+        if files.vectors.is_dir() else []
+    return found + [p for p in files.csv.parent.glob(f".{files.csv.stem}.*.tmp") if not _being_written(p)]
+
+
+def _being_written(path: Path) -> bool:
+    """Whether a temporary file's writer is alive (its name carries the writer's process id: see ``atomic_path``)."""
+    parts = path.name.split(".")  # .<name>.<pid>.<random>.tmp
+    if len(parts) < 4 or parts[-1] != "tmp" or not parts[-3].isdigit():
+        return False
+    pid = int(parts[-3])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _discard_leftovers(files: FeatureFiles, db: sqlite3.Connection) -> None:
+    leftovers = _leftovers(files, {r[0] for r in db.execute("SELECT file FROM segments")})
+    if leftovers:
+        log.warning("discarded %d leftovers of an interrupted change to %s: %s", len(leftovers), files.csv.name,
+                    ", ".join(p.name for p in leftovers[:3]) + (" ..." if len(leftovers) > 3 else ""))
+        for path in leftovers:
+            fault_point()
+            path.unlink(missing_ok=True)
+
+
+def _write_segment(files: FeatureFiles, db: sqlite3.Connection, vectors: np.ndarray) -> int:
+    meta = _meta(db)
+    segment = int(meta["next_segment"])
+    data = np.ascontiguousarray(vectors, np.float32)
+    name = f"{segment:08d}.f32"
+    files.vectors.mkdir(parents=True, exist_ok=True)
+    with atomic_write(files.vectors / name, "wb") as handle:
+        handle.write(memoryview(data).cast("B"))
+    db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?)",
+               (segment, name, len(data), data.nbytes, zlib.crc32(memoryview(data).cast("B"))))
+    _set_meta(db, next_segment=segment + 1)
+    return segment
+
+
+@dataclass
+class Changes:
+    """One change to a library, committed whole: photos put (new or with new content) with their vectors,
+    photos moved (same content, new path), photos removed, and the skipped list (replaced when given)."""
+
+    put: pd.DataFrame  # AUDIT_COLUMNS, one row per vector
+    vectors: np.ndarray
+    moved: dict[str, str]
+    removed: list[str]
+    skipped: pd.DataFrame | None = None  # AUDIT_COLUMNS of every skipped file, or None to keep the list
+
+    @property
+    def empty(self) -> bool:
+        return self.put.empty and not self.moved and not self.removed and self.skipped is None
+
+
+def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | None, sidecar: dict | None = None,
+           create: bool = False, fingerprint_as: str | None = None, thresholds: dict | None = None,
+           workers: int = 8) -> None:
+    """Apply ``changes`` in one transaction: after a crash, the library is as it was before or after, never between.
+
+    ``create`` starts a new database (the previous one, if any, is removed first: an import or an
+    ``--overwrite``). Ids are kept by path (and by content across a move); new photos get new ids.
+    """
+    put = changes.put.reset_index(drop=True)
+    paths = put["path"].tolist()
+    with ThreadPoolExecutor(workers) as pool:  # header reads are I/O: threads overlap them
+        facts = list(pool.map(photo_facts, (root / p for p in paths)))
+    with _writer(files, create=create) as db:
+        meta = _meta(db)
+        segment = _write_segment(files, db, changes.vectors) if len(put) else None
+        for old, new in changes.moved.items():
+            db.execute("UPDATE photos SET path = ?, folder = ? WHERE path = ?", (new, folder_of(new), old))
+        db.executemany("DELETE FROM photos WHERE path = ?", [(p,) for p in changes.removed])
+        held = dict(db.execute("SELECT path, image_id FROM photos"))
+        next_id = int(meta["next_id"])
+        rows = []
+        for slot, (rec, fact) in enumerate(zip(put.itertuples(index=False), facts)):
+            image_id = held.get(rec.path)
+            if image_id is None:
+                image_id, next_id = next_id, next_id + 1
+            rows.append((image_id, rec.path, folder_of(rec.path), rec.sha256 or "", _int(rec.size), _int(rec.mtime_ns),
+                         *(fact[k] for k in PHOTO_FACTS), rec.status, rec.detail, None, segment, slot))
+        db.executemany(f"INSERT OR REPLACE INTO photos VALUES ({','.join('?' * 15)})", rows)
+        if changes.skipped is not None:
+            db.execute("DELETE FROM skipped")
+            db.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?, ?, ?, ?)",
+                           [(r.path, r.sha256, _int(r.size), _int(r.mtime_ns), r.detail)
+                            for r in changes.skipped.itertuples(index=False)])
+        unused = [r[0] for r in db.execute("SELECT file FROM segments WHERE segment NOT IN "
+                                           "(SELECT DISTINCT segment FROM photos)")]
+        db.execute("DELETE FROM segments WHERE segment NOT IN (SELECT DISTINCT segment FROM photos)")
+        db.execute("UPDATE photos SET cluster = NULL WHERE cluster IS NOT NULL")  # clusters of the old library
+        generation = int(meta["generation"]) + 1
+        # The fingerprint is a function of the content (settings, and each photo's path and hash), as in 0.2: the
+        # same photos give the same fingerprint, so values derived from them are found again.
+        rows = db.execute("SELECT path, sha256 FROM photos ORDER BY path").fetchall()
+        stamp = fingerprint_as or fingerprint(config, [r[0] for r in rows], [r[1] for r in rows])
+        values = {"generation": generation, "next_id": next_id, "fingerprint": stamp, "config": config,
+                  "images_root": os.path.relpath(root, files.csv.parent), "images_root_absolute": str(root),
+                  "sidecar": {**meta.get("sidecar", {}), **(sidecar or {})}, "exported": None,
+                  "dim": int(changes.vectors.shape[1]) if len(put) else meta.get("dim")}
+        _set_meta(db, **values)
+        for key, record in (thresholds or {}).items():
+            db.execute("INSERT OR REPLACE INTO thresholds VALUES (?, ?)", (key, json.dumps(record, default=str)))
+    for name in unused:  # no longer named by the committed state; a crash here leaves a leftover, discarded later
+        fault_point()
+        (files.vectors / name).unlink(missing_ok=True)
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 # --- reading ---------------------------------------------------------------------------
 
-def read_store(csv: str | os.PathLike) -> StoredFeatures:
-    """Read a store written by :func:`write_store` (or a bare ``path,f0,...`` CSV shared on its own).
+def read_store(csv: str | os.PathLike, *, damaged: str = "refuse") -> StoredFeatures:
+    """The committed state of the store at ``csv``, checked; a CSV without a database is imported first.
 
-    The binary copy is used when it is in step with the CSV; a CSV edited or
-    shared on its own is parsed and still works.
+    A damaged database is rebuilt from the exports (saying so); a damaged vector segment is refused with one
+    line naming it, or, with ``damaged="drop"`` (what ``extract`` asks, to embed them again), its photos are
+    left out of the answer.
     """
     files = FeatureFiles(Path(csv))
-    if not files.exists():
-        raise FeaturesError(
-            f"no features file at {files.csv}. Create it with "
-            f"`similar-finder extract IMAGES_DIR --out {files.csv}`."
-        )
+    check_choice("damaged", damaged, ("refuse", "drop"))
+    for attempt in range(2):
+        try:
+            stored = _read_database(files, damaged)
+        except sqlite3.DatabaseError as exc:
+            if not _exports_exist(files):
+                raise FeaturesError(f"{files.database} is damaged ({exc}) and there is no {files.csv.name} to "
+                                    f"rebuild it from; run `similar-finder extract IMAGES_DIR --features-file "
+                                    f"{files.csv}` again") from None
+            log.warning("%s is damaged (%s); rebuilding it from %s", files.database.name, exc, files.csv.name)
+            _remove_database(files)
+            stored = None
+        if stored is not None:
+            if attempt == 0 and _export_edited(files, stored):
+                continue
+            return stored
+        if attempt == 0:
+            imported = _import_exports(files)
+            if imported is not None:
+                return imported  # a folder that cannot be written: served from the CSV as it is
+    raise FeaturesError(f"no features file at {files.csv}. Create it with "
+                        f"`similar-finder extract IMAGES_DIR --features-file {files.csv}`.")
+
+
+def _exports_exist(files: FeatureFiles) -> bool:
+    return files.csv.is_file() or (files.meta.is_file() and files.parquet.is_dir())
+
+
+def _read_database(files: FeatureFiles, damaged: str) -> StoredFeatures | None:
+    if not files.database.is_file():
+        return None
+    with contextlib.closing(_connect(files)) as db:
+        if not _is_ours(db):
+            log.info("replacing the catalog %s of an earlier version by the library database", files.database.name)
+            return None
+        db.execute("BEGIN")  # one snapshot for every table, whatever a writer commits meanwhile
+        meta = _meta(db)
+        photos = pd.read_sql_query("SELECT image_id, path, sha256, bytes, mtime_ns, status, detail, segment, slot "
+                                   "FROM photos ORDER BY image_id", db)
+        skipped = pd.read_sql_query("SELECT path, sha256, bytes, mtime_ns, reason FROM skipped ORDER BY path", db)
+        segments = pd.read_sql_query("SELECT * FROM segments", db)
+        db.execute("COMMIT")
+    with contextlib.suppress(sqlite3.OperationalError, FeaturesError, OSError):  # a reader that cannot write, or
+        if _leftovers(files, set(segments["file"])):                            # a writer at work, leaves them
+            with _writer(files, timeout=0.5):
+                pass
+    dim = int(meta.get("dim") or (meta.get("config") or {}).get("dim") or 0)
+    matrix, lost = _read_vectors(files, photos, segments, dim, meta)
+    if lost:
+        if damaged == "refuse":
+            raise FeaturesError(lost[0])
+        log.warning("%s", lost[0].split("; run")[0] + "; embedding them again")
+        keep = ~photos["segment"].isin([int(s) for s in lost[1]])
+        photos, matrix = photos[keep], matrix[keep.to_numpy()]
+    return _stored(files, meta, photos, skipped, matrix)
+
+
+def _read_vectors(files, photos: pd.DataFrame, segments: pd.DataFrame, dim: int, meta: dict):
+    """The matrix in the order of ``photos``, each segment checked by length and CRC-32 as it is read."""
+    matrix = np.empty((len(photos), dim), np.float32)
+    lost_segments, reasons = [], []
+    position = pd.Series(np.arange(len(photos)), index=photos.index)
+    for seg in segments.itertuples(index=False):
+        members = photos["segment"].to_numpy() == seg.segment
+        if not members.any():
+            continue
+        path = files.vectors / seg.file
+        why = _check_segment(path, seg, dim, matrix, photos["slot"].to_numpy()[members], position[members].to_numpy())
+        if why:
+            lost_segments.append(seg.segment)
+            reasons.append(f"{path.relative_to(files.csv.parent)} is {why}: the vectors of {int(members.sum())} "
+                           f"photos are lost")
+    if not reasons:
+        return matrix, None
+    root = meta.get("images_root_absolute") or "IMAGES_DIR"
+    message = (f"{reasons[0]}{f' (and {len(reasons) - 1} more segments)' if len(reasons) > 1 else ''}; run "
+               f"`similar-finder extract {root} --features-file {files.csv}` to embed them again")
+    return matrix, (message, lost_segments)
+
+
+def _check_segment(path: Path, seg, dim: int, matrix: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> str | None:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "missing"
+    if size != seg.bytes or seg.bytes != seg.rows * dim * 4:
+        return f"damaged ({size} bytes, {seg.bytes} committed)"
+    crc = 0
+    in_order = len(slots) == seg.rows and np.array_equal(slots, np.arange(seg.rows)) and \
+        np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
+    with open(path, "rb") as handle:
+        if in_order:  # the usual case: read straight into the matrix, no copy
+            block = matrix[rows[0]:rows[0] + seg.rows]
+            handle.readinto(memoryview(block).cast("B"))
+            crc = zlib.crc32(memoryview(block).cast("B"))
+        else:  # photos removed from it, or ids out of slot order: read in pieces, each row to its place
+            destination = np.full(seg.rows, -1, np.int64)
+            destination[slots] = rows
+            per_chunk = max(1, READ_CHUNK_BYTES // (dim * 4))
+            for start in range(0, seg.rows, per_chunk):
+                chunk = np.fromfile(handle, np.float32, min(per_chunk, seg.rows - start) * dim).reshape(-1, dim)
+                crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
+                where = destination[start:start + len(chunk)]
+                wanted = where >= 0
+                matrix[where[wanted]] = chunk[wanted]
+    return None if crc == seg.crc32 else "damaged (its checksum differs from the committed one)"
+
+
+def _stored(files: FeatureFiles, meta: dict, photos: pd.DataFrame, skipped: pd.DataFrame,
+            matrix: np.ndarray) -> StoredFeatures:
+    audit = pd.concat([
+        pd.DataFrame({"path": photos["path"], "status": photos["status"], "detail": photos["detail"].fillna(""),
+                      "size": photos["bytes"], "mtime_ns": photos["mtime_ns"], "sha256": photos["sha256"]}),
+        pd.DataFrame({"path": skipped["path"], "status": "skipped", "detail": skipped["reason"].fillna(""),
+                      "size": skipped["bytes"], "mtime_ns": skipped["mtime_ns"], "sha256": skipped["sha256"].fillna("")}),
+    ], ignore_index=True).sort_values("path", kind="stable", ignore_index=True)
+    config = meta.get("config")
+    sidecar = {**meta.get("sidecar", {}), **(config or {})}
+    sidecar.update(format=FORMAT_VERSION, fingerprint=meta["fingerprint"], rows=len(photos),
+                   generation=meta["generation"], counts=audit["status"].value_counts().to_dict(),
+                   images_root=meta["images_root"], images_root_absolute=meta["images_root_absolute"])
+    if config is not None:
+        sidecar["config"] = config
+    sidecar["images_root"] = _images_root(files, sidecar)
+    has_shas = bool(len(photos)) and bool(photos["sha256"].astype(bool).all())
+    return StoredFeatures(photos["path"].tolist(), matrix, sidecar, audit if has_shas or config else None,
+                          photos["image_id"].to_numpy(np.int64))
+
+
+def _images_root(files: FeatureFiles, meta: dict) -> str:
+    root = Path(meta.get("images_root", "."))
+    root = root if root.is_absolute() else (files.csv.parent / root).resolve()
+    absolute = meta.get("images_root_absolute")
+    if not root.is_dir() and absolute and Path(absolute).is_dir():
+        root = Path(absolute)  # the features folder was moved, the photos were not
+    return str(root)
+
+
+def thresholds_of(files: FeatureFiles) -> dict:
+    """Calibrations stored in the library, by ``"<kind>/<metric>"``."""
+    with contextlib.closing(_connect(files)) as db:
+        return {k: json.loads(v) for k, v in db.execute("SELECT key, record FROM thresholds")}
+
+
+def save_thresholds(files: FeatureFiles, records: dict) -> None:
+    """Store calibrations (not a change of the library: its fingerprint stays)."""
+    with _writer(files) as db:
+        db.executemany("INSERT OR REPLACE INTO thresholds VALUES (?, ?)",
+                       [(k, json.dumps(v, default=str)) for k, v in records.items()])
+
+
+def set_clusters(files: FeatureFiles, clusters: dict[int, int], fingerprint_of: str) -> None:
+    """Record K-Means clusters by image_id, if the library is still the one they were fitted on."""
+    with _writer(files) as db:
+        if _meta(db).get("fingerprint") == fingerprint_of:
+            db.executemany("UPDATE photos SET cluster = ? WHERE image_id = ?",
+                           [(int(c), int(i)) for i, c in clusters.items()])
+
+
+# --- importing a CSV, and the exports ---------------------------------------------------
+
+def _import_exports(files: FeatureFiles) -> StoredFeatures | None:
+    """Make the database from a CSV (bare, or an earlier version's store with its companions)."""
+    if not _exports_exist(files):
+        return None
+    legacy = _read_exports(files)
+    meta, audit = legacy.meta, legacy.audit
+    root = Path(meta["images_root"])
+    if audit is not None:
+        kept = audit[audit["status"] != "skipped"].set_index("path").loc[legacy.paths].reset_index()
+        skipped = audit[audit["status"] == "skipped"]
+    else:
+        kept = pd.DataFrame({"path": legacy.paths, "status": "ok", "detail": "", "size": None, "mtime_ns": None,
+                             "sha256": ""})
+        skipped = kept.iloc[:0]
+    thresholds = {}
+    if files.thresholds.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            thresholds = read_json(files.thresholds)
+    thresholds = thresholds or {k: {"fingerprint": meta["fingerprint"], **v} for k, v in meta.get("thresholds", {}).items()}
+    sidecar = {k: v for k, v in meta.items() if k not in ("fingerprint", "images_root", "thresholds", "config")}
+    try:
+        commit(files, Changes(kept[AUDIT_COLUMNS], legacy.matrix, {}, [], skipped[AUDIT_COLUMNS]), root=root,
+               config=meta.get("config"), sidecar=sidecar, create=True, fingerprint_as=meta["fingerprint"],
+               thresholds=thresholds)
+    except sqlite3.OperationalError as exc:  # a read-only folder: the CSV is served as it is, ids its rows
+        log.warning("cannot write %s (%s); reading %s as it is", files.database.name, exc, files.csv.name)
+        return legacy
+    log.info("imported %s (%d photos) into %s", files.csv.name, len(legacy.paths), files.database.name)
+    _record_exports(files)
+    return None
+
+
+def _read_exports(files: FeatureFiles) -> StoredFeatures:
+    """A CSV written by an earlier version (with its ``.npy``, audit and sidecar) or by anyone (alone)."""
     meta = read_meta(files)
-    audit = read_audit(files.audit) if files.audit.is_file() else None
+    audit = None
+    if files.audit.is_file():
+        try:
+            audit = read_audit(files.audit)
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            log.warning("ignoring the audit %s, which cannot be read: %s", files.audit.name, exc)
     if meta.get("store_format") == "parquet":
         return _read_parquet_store(files, meta, audit)
     stat = files.csv.stat()
     if meta.get("csv_stat") == [stat.st_size, stat.st_mtime_ns] and files.npy.is_file() and audit is not None:
-        matrix = np.load(files.npy)
+        with contextlib.suppress(OSError, ValueError):
+            matrix = np.load(files.npy)
+            kept = audit[audit["status"] != "skipped"]
+            if matrix.shape[0] == len(kept) and np.isfinite(matrix).all():
+                meta.setdefault("fingerprint", fingerprint(config_of(meta.get("config", {})), kept["path"],
+                                                           kept["sha256"]))
+                return StoredFeatures(kept["path"].tolist(), matrix, meta, audit)
+    paths, matrix = parse_feature_csv(files.csv)
+    if audit is not None:
         kept = audit[audit["status"] != "skipped"]
-        paths = kept["path"].tolist()
-        if matrix.shape[0] == len(paths):
-            if "fingerprint" not in meta and "config" in meta:  # written by version 0.1
-                meta["fingerprint"] = fingerprint(config_of(meta["config"]), paths, kept["sha256"])
-            if "fingerprint" in meta:
-                return StoredFeatures(paths, matrix, meta, audit)
-    try:
-        frame = pd.read_csv(files.csv, dtype={"path": str})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise FeaturesError(f"cannot read {files.csv}: {exc}") from exc
-    if frame.columns[0] != "path":
-        raise FeaturesError(f"{files.csv} does not start with a 'path' column; is it a features file?")
-    paths, matrix = frame["path"].tolist(), frame.iloc[:, 1:].to_numpy(dtype=np.float32)
-    # Parsed: edited by hand, or shared without its companions; identified by what it holds.
+        if set(kept["path"]) != set(paths):
+            audit = None  # the audit describes other photos than the CSV holds: only the CSV is trusted
     meta["fingerprint"] = content_fingerprint(paths, matrix)
     return StoredFeatures(paths, matrix, meta, audit)
+
+
+def parse_feature_csv(csv: Path) -> tuple[list[str], np.ndarray]:
+    """``path,f0,...`` rows, refused with one line when the file is cut short, damaged or not a features file."""
+    try:
+        frame = pd.read_csv(csv, dtype={"path": str})
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise FeaturesError(f"cannot read {csv}: {exc}") from None
+    if not len(frame.columns) or frame.columns[0] != "path":
+        raise FeaturesError(f"{csv} does not start with a 'path' column; is it a features file?")
+    try:
+        matrix = frame.iloc[:, 1:].to_numpy(dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise FeaturesError(f"{csv} holds values that are not numbers ({exc}); is it damaged?") from None
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1) | frame["path"].isna().to_numpy())
+    if len(bad):
+        raise FeaturesError(f"{csv} is incomplete from row {bad[0] + 2} ({len(bad)} rows without every value): cut "
+                            f"short or damaged; extract again, or restore it")
+    if not len(frame):
+        raise FeaturesError(f"{csv} holds no photos")
+    return frame["path"].tolist(), matrix
 
 
 def _read_parquet_store(files: FeatureFiles, meta: dict, audit) -> StoredFeatures:
@@ -193,7 +632,60 @@ def _read_parquet_store(files: FeatureFiles, meta: dict, audit) -> StoredFeature
     if kept is None or paths != kept["path"].tolist() or shas != kept["sha256"].tolist():
         raise FeaturesError(f"{files.parquet} does not match its audit {files.audit} (an interrupted write?); "
                             f"run the same extraction again, or with --overwrite")
+    meta.setdefault("fingerprint", fingerprint(config_of(meta.get("config", {})), paths, shas))
     return StoredFeatures(paths, matrix, meta, audit)
+
+
+def _export_edited(files: FeatureFiles, stored: StoredFeatures) -> bool:
+    """Whether ``features.csv`` was changed since it was exported; an edit that reads whole is taken in."""
+    with contextlib.closing(_connect(files)) as db:
+        exported = _meta(db).get("exported")
+    if exported is None or stored.meta.get("store_format") == "parquet" or not files.csv.is_file():
+        return False
+    stat = files.csv.stat()
+    if exported.get("csv") == [stat.st_size, stat.st_mtime_ns]:
+        return False
+    try:
+        paths, matrix = parse_feature_csv(files.csv)
+    except FeaturesError as exc:
+        log.warning("%s; the library is read from %s, and the next extract writes the CSV again", exc,
+                    files.database.name)
+        with contextlib.suppress(sqlite3.Error, FeaturesError), _writer(files) as db:
+            _set_meta(db, exported=None)
+        return False
+    if paths == stored.paths and matrix.shape == stored.matrix.shape and np.array_equal(matrix, stored.matrix):
+        _record_exports(files)  # touched, not changed
+        return False
+    log.info("%s was edited since it was exported; taking the edit into the library", files.csv.name)
+    audit = stored.audit
+    shas = dict(zip(audit["path"], audit["sha256"])) if audit is not None else {}
+    put = pd.DataFrame({"path": paths, "status": "ok", "detail": "", "size": None, "mtime_ns": None,
+                        "sha256": [shas.get(p, "") for p in paths]})
+    removed = sorted(set(stored.paths) - set(paths))
+    commit(files, Changes(put, matrix, {}, removed), root=Path(stored.meta["images_root"]),
+           config=stored.meta.get("config") if matrix.shape[1] == stored.matrix.shape[1] else None)
+    _record_exports(files)
+    return True
+
+
+def read_meta(files: FeatureFiles) -> dict:
+    """The exported sidecar, with ``images_root`` made absolute."""
+    if not files.meta.is_file():
+        # A bare CSV (shared without its sidecar) still loads; nothing is known of its origin.
+        return {"images_root": str(files.csv.parent.resolve())}
+    try:
+        meta = read_json(files.meta)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the sidecar %s, which cannot be read: %s", files.meta.name, exc)
+        return {"images_root": str(files.csv.parent.resolve())}
+    meta["images_root"] = _images_root(files, meta)
+    return meta
+
+
+def read_audit(path: Path) -> pd.DataFrame:
+    return pd.read_csv(
+        path, dtype={"path": str, "status": str, "detail": str, "sha256": str}, keep_default_na=False
+    )
 
 
 def read_vectors(parts, dim: int, columns=("path",)) -> tuple[dict[str, list], np.ndarray]:
@@ -232,30 +724,6 @@ def write_vectors(path: Path, columns: dict, vectors: np.ndarray) -> None:
         pq.write_table(table, handle, compression="none", use_dictionary=[c for c in columns])
 
 
-def read_meta(files: FeatureFiles) -> dict:
-    """The sidecar, with ``images_root`` made absolute."""
-    if not files.meta.is_file():
-        # A bare CSV (shared without its sidecar) still loads; nothing is known of its origin.
-        return {"images_root": str(files.csv.parent.resolve())}
-    try:
-        meta = read_json(files.meta)
-    except (OSError, ValueError) as exc:
-        raise FeaturesError(f"cannot read the sidecar {files.meta}: {exc}") from exc
-    root = Path(meta.get("images_root", "."))
-    root = root if root.is_absolute() else (files.csv.parent / root).resolve()
-    absolute = meta.get("images_root_absolute")
-    if not root.is_dir() and absolute and Path(absolute).is_dir():
-        root = Path(absolute)  # the features folder was moved, the photos were not
-    meta["images_root"] = str(root)
-    return meta
-
-
-def read_audit(path: Path) -> pd.DataFrame:
-    return pd.read_csv(
-        path, dtype={"path": str, "status": str, "detail": str, "sha256": str}, keep_default_na=False
-    )
-
-
 # --- writing ---------------------------------------------------------------------------
 
 def _csv_field(text: str) -> str:
@@ -270,67 +738,139 @@ def write_feature_csv(handle, paths: list[str], matrix: np.ndarray) -> None:
         handle.write(f"{_csv_field(path)},{row_format % tuple(row)}\n")
 
 
-def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np.ndarray, config: dict,
-                store_format: str = "csv") -> dict:
-    """Write every file of a store atomically; ``matrix`` has one row per non-skipped audit row.
+def held_state(files: FeatureFiles) -> tuple[pd.DataFrame, dict | None, set] | None:
+    """``(photos: path, image_id, sha256; config; skipped (path, sha256, reason))`` of the committed state, without
+    its vectors; None if there is none."""
+    if not files.database.is_file():
+        return None
+    try:
+        with contextlib.closing(_connect(files)) as db:
+            if not _is_ours(db):
+                return None
+            photos = pd.read_sql_query("SELECT path, image_id, sha256 FROM photos", db)
+            skipped = set(db.execute("SELECT path, sha256, reason FROM skipped"))
+            return photos, _meta(db).get("config"), skipped
+    except sqlite3.DatabaseError:
+        return None
 
-    ``store_format="parquet"`` writes the vectors as Parquet parts instead of
-    the CSV and ``.npy`` (and removes those of an earlier CSV store, which would
-    otherwise be read). Returns the sidecar as :func:`read_meta` would read it back.
-    """
+
+def plan_changes(held: pd.DataFrame | None, audit: pd.DataFrame, matrix: np.ndarray, *, same_config: bool,
+                 intact: set[str] | None = None, held_skipped: set | None = None) -> Changes:
+    """What turns the committed photos ``held`` into ``audit`` (whose usable rows ``matrix`` holds, in order).
+
+    ``intact``: the held photos whose vectors could be read (the others are written again)."""
+    kept = audit[audit["status"] != "skipped"].reset_index(drop=True)
+    skipped = audit[audit["status"] == "skipped"][AUDIT_COLUMNS]
+    if held_skipped is not None and set(zip(skipped["path"], skipped["sha256"], skipped["detail"])) == held_skipped:
+        skipped = None  # the same files skipped for the same reasons: nothing to write
+    if held is None or held.empty or not same_config:
+        removed = [] if held is None else sorted(set(held["path"]) - set(kept["path"]))
+        return Changes(kept[AUDIT_COLUMNS], matrix, {}, removed, skipped)
+    sha_of = dict(zip(held["path"], held["sha256"]))
+    if intact is not None:
+        sha_of = {p: (s if p in intact else None) for p, s in sha_of.items()}
+    wanted = set(kept["path"])
+    gone = {p: s for p, s in sha_of.items() if p not in wanted}
+    new = [i for i, (p, s) in enumerate(zip(kept["path"], kept["sha256"])) if sha_of.get(p) != s]
+    # A photo whose content left one path and arrived at another was moved or renamed: it keeps its id.
+    gone_by_sha = {}
+    for path, sha in gone.items():
+        if sha:
+            gone_by_sha.setdefault(sha, []).append(path)
+    moved, put = {}, []
+    for i in new:
+        path, sha = kept["path"][i], kept["sha256"][i]
+        if path not in sha_of and gone_by_sha.get(sha):
+            moved[gone_by_sha[sha].pop()] = path
+        else:
+            put.append(i)
+    removed = sorted(set(gone) - set(moved))
+    return Changes(kept.loc[put, AUDIT_COLUMNS], matrix[put], moved, removed, skipped)
+
+
+def write_store(files: FeatureFiles, root: Path, audit: pd.DataFrame, matrix: np.ndarray, config: dict,
+                store_format: str = "csv", *, intact: set[str] | None = None,
+                held: StoredFeatures | None = None) -> StoredFeatures:
+    """Make the store hold exactly ``audit`` (one vector per non-skipped row, in ``matrix``), committing only what
+    changed, then write the exports. ``held``: the committed state as the caller has just read it (not read
+    again when nothing changed). Returns the committed state."""
+    check_choice("store format", store_format, STORE_FORMATS)
+    stored = held
+    held = held_state(files)
+    same = held is not None and held[1] == config
+    changes = plan_changes(held[0] if held else None, audit, matrix, same_config=same, intact=intact,
+                           held_skipped=held[2] if held else None)
+    if held is None or not same or not changes.empty:
+        sidecar = {"store_format": store_format, "versions": _versions(),
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        commit(files, changes, root=root, config=config, sidecar=sidecar, create=held is None)
+        stored = None
+    return export(files, store_format, stored)
+
+
+def _versions() -> dict:
     import keras  # imported here: a run with nothing new needs neither Keras nor TensorFlow
     import sklearn
 
-    check_choice("store format", store_format, STORE_FORMATS)
-    kept = audit[audit["status"] != "skipped"]
-    paths = kept["path"].tolist()
-    # New data first, then the audit and the sidecar that describe it, and the other format's files last:
-    # a crash at any point leaves a store that reads (the old one, or the new one).
+    return {"python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
+            "keras": keras.__version__, "keras_backend": keras.backend.backend(), "scikit-learn": sklearn.__version__}
+
+
+def export(files: FeatureFiles, store_format: str | None = None, stored: StoredFeatures | None = None) -> StoredFeatures:
+    """Write the exports of the committed state (CSV and ``.npy``, or Parquet parts; audit, skipped list, sidecar),
+    unless they are in step with it already. ``stored``: that state, if the caller holds it. Returns it."""
+    stored = stored or read_store(files.csv)
+    meta = stored.meta
+    store_format = store_format or meta.get("store_format", "csv")
+    with contextlib.closing(_connect(files)) as db:
+        exported = _meta(db).get("exported")
+    if exported and exported.get("generation") == meta["generation"] and exported.get("format") == store_format \
+            and all(p.is_file() for p in (files.meta, files.audit)):
+        return stored
+    audit = stored.audit if stored.audit is not None else pd.DataFrame(
+        {"path": stored.paths, "status": "ok", "detail": "", "size": None, "mtime_ns": None, "sha256": ""})
+    order = np.argsort(np.array(stored.paths, dtype=object), kind="stable")  # exports list photos by path
+    paths, matrix = [stored.paths[i] for i in order], stored.matrix[order]
     if store_format == "parquet":
-        _write_parquet_parts(files, paths, kept["sha256"].tolist(), matrix)
-        csv_stat = None
+        shas = dict(zip(audit["path"], audit["sha256"]))
+        _write_parquet_parts(files, paths, [shas.get(p, "") for p in paths], matrix)
+        for stale in (files.npy, files.csv if files.csv != files.parquet else None):
+            if stale is not None and stale.is_file():
+                stale.unlink()
     else:
         with atomic_write(files.csv, newline="") as handle:
             write_feature_csv(handle, paths, matrix)
         with atomic_write(files.npy, "wb") as handle:
             np.save(handle, matrix)
-        stat = files.csv.stat()
-        csv_stat = [stat.st_size, stat.st_mtime_ns]
+        shutil.rmtree(files.parquet, ignore_errors=True)
     write_csv(files.audit, audit[AUDIT_COLUMNS])
     skipped = audit.loc[audit["status"] == "skipped", ["path", "detail"]].rename(columns={"detail": "reason"})
     write_csv(files.skipped, skipped)
-    meta = {
-        "format": FORMAT_VERSION,
-        "store_format": store_format,
-        "config": config,
-        **config,
-        "fingerprint": fingerprint(config, paths, kept["sha256"]),
-        # Relative, so a project moved with its photos still works; absolute as a fallback.
-        "images_root": os.path.relpath(root, files.csv.parent),
-        "images_root_absolute": str(root),
-        "rows": int(matrix.shape[0]),
-        "counts": audit["status"].value_counts().to_dict(),
-        "csv_stat": csv_stat,
-        "versions": {
-            "python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
-            "keras": keras.__version__, "keras_backend": keras.backend.backend(),
-            "scikit-learn": sklearn.__version__,
-        },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(files.meta, meta)
-    if store_format == "parquet":
-        for stale in (files.npy, files.csv if files.csv != files.parquet else None):
-            if stale is not None and stale.is_file():
-                stale.unlink()
-    else:
-        shutil.rmtree(files.parquet, ignore_errors=True)
-    return read_meta(files)
+    root = Path(meta["images_root"])
+    sidecar = {k: v for k, v in meta.items() if k != "generation"}
+    sidecar.update(store_format=store_format, images_root=os.path.relpath(root, files.csv.parent),
+                   images_root_absolute=str(root), csv_stat=None)
+    if store_format == "csv":
+        stat = files.csv.stat()
+        sidecar["csv_stat"] = [stat.st_size, stat.st_mtime_ns]
+    write_json(files.meta, sidecar)
+    _record_exports(files, meta["generation"], store_format)
+    stored.meta = {**meta, "store_format": store_format}
+    return stored
+
+
+def _record_exports(files: FeatureFiles, generation: int | None = None, store_format: str | None = None) -> None:
+    with contextlib.closing(_connect(files)) as db:
+        meta = _meta(db)
+    stat = files.csv.stat() if files.csv.is_file() else None
+    record = {"generation": meta["generation"] if generation is None else generation,
+              "format": store_format or meta.get("sidecar", {}).get("store_format", "csv"),
+              "csv": [stat.st_size, stat.st_mtime_ns] if stat else None}
+    with _writer(files) as db:
+        _set_meta(db, exported=record)
 
 
 def _write_parquet_parts(files: FeatureFiles, paths: list[str], shas: list[str], matrix: np.ndarray) -> None:
-    # Parts are rewritten whole: a reader never sees a part list that mixes two versions, because the
-    # sidecar written last (with the new fingerprint) is what readers check against the audit.
     files.parquet.mkdir(parents=True, exist_ok=True)
     count = 0
     for count, start in enumerate(range(0, len(paths), PARQUET_PART_ROWS), 1):

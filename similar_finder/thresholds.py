@@ -255,7 +255,7 @@ class Calibration:
     # --- the stored form ----------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        """The JSON record (``<stem>.thresholds.json``): ``value``, ``gate``, ``method``, ``metric``,
+        """The JSON record (stored in the library's database): ``value``, ``gate``, ``method``, ``metric``,
         ``center``, ``chosen``, ``gate_chosen`` and the details, as :meth:`from_dict` reads them."""
         record = {**self.details, "value": float(self.threshold), "metric": self.metric, "center": self.center,
                   "method": self.method or "explicit", "chosen": self.chosen, "gate_chosen": self.gate_chosen}

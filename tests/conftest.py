@@ -39,6 +39,15 @@ def make_images(folder: Path, count: int, size: int = 48, seed: int = 0, prefix:
     return paths
 
 
+def as_exports_only(files) -> None:
+    """Leave only the exports of a store (CSV, .npy, audit, sidecar): a store as versions before 0.3 wrote it."""
+    import shutil
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{files.database}{suffix}").unlink(missing_ok=True)
+    shutil.rmtree(files.vectors, ignore_errors=True)
+
+
 def labels_of(paths) -> np.ndarray:
     """The class of a shared photo: its folder, by the project's one rule."""
     from similar_finder.library import labels_from_paths

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import similar_finder
-from conftest import FAST, make_images
+from conftest import FAST, as_exports_only, make_images
 from similar_finder import Library, cli
 from similar_finder import store as store_module
 
@@ -74,7 +74,7 @@ def test_run_all_reads_the_features_file_once(food_db, tmp_path, monkeypatch):
 
     reads = []
     original = store_module.read_store
-    monkeypatch.setattr(store_module, "read_store", lambda csv: reads.append(csv) or original(csv))
+    monkeypatch.setattr(store_module, "read_store", lambda csv, **kw: reads.append(csv) or original(csv, **kw))
     for module in ("library", "features", "incremental"):
         monkeypatch.setattr(f"similar_finder.{module}.read_store", store_module.read_store)
     shutil.copytree(food_db, tmp_path / "food")
@@ -96,8 +96,8 @@ def test_both_approaches_answer_in_the_same_shape(food_features, food_db):
         assert distances.shape == indices.shape == (2, 4)
         assert not (indices[:, :len(np.flatnonzero(indices[0] >= 0))] == [[0], [1]]).any()  # never itself
         answers[approach.approach] = approach.recommend(query, 4)
-    assert list(answers["cosine"].columns) == ["path", "distance"]
-    assert list(answers["kmeans"].columns) == ["path", "distance", "cluster"]
+    assert list(answers["cosine"].columns) == ["path", "image_id", "distance"]
+    assert list(answers["kmeans"].columns) == ["path", "image_id", "distance", "cluster"]
     assert library.paths[0] not in set(answers["kmeans"]["path"]) | set(answers["cosine"]["path"])
 
 
@@ -159,14 +159,14 @@ def test_recommend_command_prints_results_or_says_none(food_features, food_db, t
     query = str(food_db / library.paths[0])
     assert cli.main(["recommend", query, "-n", "3", "--threshold", "2", "--features-file", str(food_features)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["path", "distance"] and len(lines) == 4
+    assert lines[0].split() == ["path", "image_id", "distance"] and len(lines) == 4
     assert library.paths[0] not in "\n".join(lines)
     assert cli.main(["recommend", query, "--threshold", "0", "--features-file", str(food_features)]) == 0
     assert capsys.readouterr().out.strip() == similar_finder.NO_RESULTS
     fit_baseline(library, model_path=tmp_path / "k.joblib", clusters_csv=tmp_path / "c.csv")
     assert cli.main(["recommend", query, "--approach", "kmeans", "--model", str(tmp_path / "k.joblib"),
                      "--features-file", str(food_features)]) == 0
-    assert capsys.readouterr().out.split()[:3] == ["path", "distance", "cluster"]
+    assert capsys.readouterr().out.split()[:4] == ["path", "image_id", "distance", "cluster"]
 
 
 def test_a_store_written_by_version_0_1_opens_and_keeps_its_threshold(tmp_path):
@@ -182,6 +182,7 @@ def test_a_store_written_by_version_0_1_opens_and_keeps_its_threshold(tmp_path):
     del sidecar["fingerprint"]  # as 0.1 wrote it: no fingerprint, thresholds inside the sidecar
     sidecar["thresholds"] = {"cnn/cosine": {"value": 0.123, "metric": "cosine", "center": True}}
     library.files.meta.write_text(json.dumps(sidecar))
+    as_exports_only(library.files)
     reopened = Library(tmp_path / "f.csv")
     assert reopened.fingerprint == library.fingerprint and reopened.threshold_for("cnn", "cosine", True)
     make_images(images / "b", 1, seed=9, prefix="new")
@@ -212,4 +213,4 @@ def test_the_kmeans_answer_keeps_its_cluster_column_under_an_explicit_threshold(
 
     library = Library(food_features)
     result = ClusterRecommender().fit(library).recommend(food_db / library.paths[0], 4, threshold=0.5)
-    assert list(result.columns) == ["path", "distance", "cluster"] and (result["distance"] < 0.5).all()
+    assert list(result.columns) == ["path", "image_id", "distance", "cluster"] and (result["distance"] < 0.5).all()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST, labels_of, make_images
+from conftest import FAST, as_exports_only, labels_of, make_images
 from similar_finder import Library, cli
 from similar_finder.clustering import ClusterRecommender
 from similar_finder.evaluate import default_rule_honesty, threshold_honesty
@@ -101,7 +101,7 @@ def test_a_labelled_calibration_round_trips_through_the_library_file(library):
     assert isinstance(stored, Calibration)
     assert (stored.chosen, stored.gate_chosen, stored.method) == ("labelled", "unlabelled", "labelled-youden")
     assert 0 < stored.gate < 1 and 0 < stored.threshold < 1
-    record = json.loads(library.files.thresholds.read_text())["cnn/cosine"]
+    record = Library(library.files.csv).thresholds["cnn/cosine"]  # as stored in the library's database
     assert {"value", "gate", "method", "metric", "center", "curve", "fingerprint"} <= set(record)
     assert Calibration.from_dict(record) == stored and Calibration.from_dict(record).to_dict() == record
     assert Recommender().fit(library).calibration_ == stored  # what the recommender answers with
@@ -124,6 +124,7 @@ def test_records_of_every_version_are_read(tmp_path):
     del sidecar["fingerprint"]
     sidecar["thresholds"] = {"cnn/cosine": {"value": 0.123, "metric": "cosine", "center": True}}
     built.files.meta.write_text(json.dumps(sidecar))
+    as_exports_only(built.files)
     old = Library(tmp_path / "f.csv")
     assert old.threshold_for("cnn", "cosine", True).gate is None
     model = Recommender().fit(old)
@@ -160,7 +161,7 @@ def test_the_recommend_command_has_threshold_and_gate_apart(library, noise, caps
     assert cli.main(["recommend", str(noise), "-n", "3", "--threshold", "2", "--gate", "off",
                      "--features-file", csv]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["path", "distance"] and len(lines) == 4
+    assert lines[0].split() == ["path", "image_id", "distance"] and len(lines) == 4
     with pytest.raises(SystemExit) as exit_:
         cli.main(["recommend", str(noise), "--gate", "maybe", "--features-file", csv])
     assert exit_.value.code == 2 and "neither a number nor 'off'" in capsys.readouterr().err

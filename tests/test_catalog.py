@@ -11,10 +11,11 @@ import pytest
 from PIL import ExifTags, Image
 
 from conftest import FAST, make_images
-from similar_finder import catalog as catalog_module
+from similar_finder import store as store_module
 from similar_finder._quiet import NOISE
 from similar_finder import extract_features
-from similar_finder.catalog import Catalog, photo_facts
+from similar_finder.catalog import Catalog
+from similar_finder.images import photo_facts
 
 
 def photo_with_exif(path: Path, *, taken="2021:07:14 10:30:00", make="Canon", model="EOS 5D", orientation=1,
@@ -47,15 +48,15 @@ def test_extract_keeps_the_catalog_in_step_incrementally(tmp_path, monkeypatch):
     photo_with_exif(photos / "family" / "birthday.jpg")
     (photos / "family" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
     read = []
-    real = catalog_module.photo_facts
-    monkeypatch.setattr(catalog_module, "photo_facts", lambda path: read.append(Path(path).name) or real(path))
+    real = store_module.photo_facts
+    monkeypatch.setattr(store_module, "photo_facts", lambda path: read.append(Path(path).name) or real(path))
 
     library = extract_features(photos, tmp_path / "f.csv", **FAST)
     catalog = library.catalog()
     assert catalog.path == tmp_path / "f.sqlite" and len(read) == 6
     total, rows = catalog.images(limit=100)
     assert total == 6 and [r["path"] for r in rows] == library.paths
-    assert [r["image_id"] for r in rows] == list(range(6))  # an image_id is the photo's row in the matrix
+    assert [r["image_id"] for r in rows] == list(range(6))  # a new library's ids follow its photos' order
     birthday = catalog.get(library.row_of["family/birthday.jpg"])
     assert birthday["taken"] == "2021-07-14T10:30:00" and birthday["camera"] == "Canon EOS 5D"
     assert birthday["sha256"] == dict(zip(library.audit["path"], library.audit["sha256"]))["family/birthday.jpg"]
@@ -70,7 +71,7 @@ def test_extract_keeps_the_catalog_in_step_incrementally(tmp_path, monkeypatch):
     assert {f["folder"]: f["photos"] for f in catalog.folders()} == {
         "family": 1, "trips/alps%2022": 2, "trips/alps_2021": 3}
 
-    catalog.set_clusters([0, 1, 0, 1, 0, 1], library.fingerprint)
+    catalog.set_clusters(dict(zip(range(6), [0, 1, 0, 1, 0, 1])), library.fingerprint)
     assert extract_features(photos, tmp_path / "f.csv", **FAST).catalog().get(0)["cluster"] == 0  # unchanged
     assert len(read) == 6
 
@@ -79,7 +80,7 @@ def test_extract_keeps_the_catalog_in_step_incrementally(tmp_path, monkeypatch):
     library = extract_features(photos, tmp_path / "f.csv", **FAST)
     assert read[6:] == ["img0000.jpg"]  # only the new photo's header is read
     total, rows = library.catalog().images(limit=100)
-    assert total == 6 and [r["path"] for r in rows] == library.paths and "new/img0000.jpg" in library.paths
+    assert total == 6 and [r["path"] for r in rows] == sorted(library.paths) and "new/img0000.jpg" in library.paths
     assert {r["cluster"] for r in rows} == {None}  # clusters of another library are not kept
     assert not list(tmp_path.glob(".f.sqlite.*"))  # written to a temporary file and renamed
 

@@ -60,7 +60,7 @@ def test_unrelated_images_get_no_similar_images_found(library, tmp_path, caplog)
         caplog.clear()
         with caplog.at_level("INFO", logger="similar_finder"):
             result = recommend(tmp_path / name, 5, library=library)
-        assert result.empty and list(result.columns) == ["path", "distance"]
+        assert result.empty and list(result.columns) == ["path", "image_id", "distance"]
         assert caplog.messages == [f"{tmp_path / name}: {NO_RESULTS}"]
 
 
