@@ -38,6 +38,7 @@ from .neighbors import Neighbors
 
 FIT_SIDE = 256          # px of the longer side keypoints are found at: copies of any size meet at one scale
 ORB_FEATURES = 300      # keypoints a photo (and as many for its mirror): ~24 kB a photo, 2.4 GB at 100k
+FAST_THRESHOLD = 10     # corner contrast a keypoint needs (OpenCV: 20): lower, so blurred and low-contrast copies keep some
 CNN_CANDIDATES = 6      # nearest neighbours by CNN vector verified per photo (caps the verification work)
 HASH_CANDIDATES = 3     # and by perceptual hash, of the photo and of its mirror
 RATIO = 0.8             # Lowe's ratio test: a match counts when clearly better than the second best
@@ -102,7 +103,7 @@ def _read(root: Path, path: str, keep_pixels: bool = False) -> _Photo:
         tables = getattr(img, "quantization", None) or {}
     quantization = float(np.mean([np.mean(t) for t in tables.values()])) if tables else 0.0
     grey = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
-    orb = cv2.ORB_create(nfeatures=ORB_FEATURES)
+    orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=FAST_THRESHOLD)
     views = []
     for view in (grey, np.ascontiguousarray(grey[:, ::-1])):
         points, descriptors = orb.detectAndCompute(view, None)
