@@ -39,8 +39,8 @@ from .neighbors import Neighbors
 FIT_SIDE = 256          # px of the longer side keypoints are found at: copies of any size meet at one scale
 ORB_FEATURES = 300      # keypoints a photo (and as many for its mirror): ~24 kB a photo, 2.4 GB at 100k
 FAST_THRESHOLD = 10     # corner contrast a keypoint needs (OpenCV: 20): lower, so blurred and low-contrast copies keep some
-CNN_CANDIDATES = 6      # nearest neighbours by CNN vector verified per photo (caps the verification work)
-HASH_CANDIDATES = 3     # and by perceptual hash, of the photo and of its mirror
+CNN_CANDIDATES = 4      # nearest neighbours by CNN vector verified per photo (caps the verification work)
+HASH_CANDIDATES = 2     # and by perceptual hash, of the photo and of its mirror
 RATIO = 0.8             # Lowe's ratio test: a match counts when clearly better than the second best
 RANSAC_PX = 5.0         # reprojection error (px at FIT_SIDE) of a match that agrees with the fit
 MIN_INLIERS = 12        # agreeing matches that make a copy (tuned on clothing seed 0, see bench/duplicates_bench.py)
