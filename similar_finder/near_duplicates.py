@@ -8,7 +8,7 @@
    RANSAC similarity fit (rotation, scale, shift); a pair is a copy when enough matches agree on one fit, tried
    on the photo and on its mirror. The fit also says how a copy differs from the member to keep.
 
-Each group lists the member to keep first (most pixels, then least compressed, then largest file) and how every
+Each group lists the member to keep first (most pixels, least compressed, older, larger file) and how every
 other member differs from it (:data:`RELATIONS`). ``max_distance`` or ``kind`` asks for the pure perceptual-hash
 answer instead (64 bits within ``max_distance``). ``write_duplicates`` also writes ``duplicates.csv`` and one
 picture per group (command line: ``similar-finder duplicates IMAGES_DIR``).
@@ -38,7 +38,7 @@ from .neighbors import Neighbors
 
 FIT_SIDE = 256          # px of the longer side keypoints are found at: copies of any size meet at one scale
 ORB_FEATURES = 300      # keypoints a photo (and as many for its mirror): ~24 kB a photo, 2.4 GB at 100k
-FAST_THRESHOLD = 10     # corner contrast a keypoint needs (OpenCV: 20): lower, so blurred and low-contrast copies keep some
+FAST_THRESHOLD = 10     # corner contrast of a keypoint (OpenCV: 20): lower, so blurred or low-contrast copies keep some
 CNN_CANDIDATES = 4      # nearest neighbours by CNN vector verified per photo (caps the verification work)
 HASH_CANDIDATES = 2     # and by perceptual hash, of the photo and of its mirror
 RATIO = 0.8             # Lowe's ratio test: a match counts when clearly better than the second best
