@@ -241,6 +241,8 @@ class Similar(BaseModel):
 class Member(BaseModel):
     image_id: int
     path: str
+    keep: bool = False          # the member to keep (most pixels, least compressed)
+    relation: str | None = None  # how it differs from the kept one: cropped, mirrored, resized, ...
 
 
 class Duplicates(BaseModel):
@@ -389,7 +391,9 @@ def create_app(library, *, originals=None, max_upload_bytes: int = DEFAULT_MAX_U
 
     @app.get("/api/duplicates", summary="Groups of near-identical photos, largest first", response_model=Duplicates,
              responses=_statuses(*COMMON))
-    def duplicates(max_distance: int = Query(DUPLICATE_BITS, ge=0, le=32)):
+    def duplicates(max_distance: int | None = Query(None, ge=0, le=32, description=(
+            f"the pure perceptual-hash answer: bits of 64 apart still a copy (e.g. {DUPLICATE_BITS}); left out, "
+            "copies are verified by local features"))):
         return service.duplicates(max_distance)
 
     @app.get("/api/map", summary="The library's 2-D map (t-SNE or UMAP), sampled above a few thousand photos",

@@ -28,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ._io import DEFAULT_CLUSTERS, DEFAULT_FEATURES, DEFAULT_K_RANGE, DEFAULT_MODEL, OUTPUT_DIR
+from ._io import DATA_DIR, DEFAULT_CLUSTERS, DEFAULT_FEATURES, DEFAULT_K_RANGE, DEFAULT_MODEL, OUTPUT_DIR
 from ._quiet import install as quiet_tensorflow
 from .backbones import (DEFAULT_BACKBONE, GEM_P, OFFLINE_BACKBONE, POOLINGS, REGISTRY, TOKEN_POOLINGS, sizes_help,
                         weights_value)
@@ -219,12 +219,19 @@ def _duplicates(args) -> None:
 
     root = Path(args.images_dir)
     out = Path(args.out) if args.out else OUTPUT_DIR / root.resolve().name / "duplicates"
-    groups = write_duplicates(root, out, args.max_distance, args.kind)
+    # A library of this folder (the one named, else the app's) lends its CNN vectors; else the folder is embedded
+    # once, in a temporary library.
+    libraries = [args.features_file, DATA_DIR / "libraries" / f"{root.resolve().name}.csv"]
+    left_out: dict[str, str] = {}
+    groups = write_duplicates(root, out, args.max_distance, args.kind, library=libraries, left_out=left_out)
+    for path, why in left_out.items():
+        print(f"left out {path}: {why}")
     if not groups:
-        print(f"no near-duplicates found under {root} (max distance {args.max_distance} bits)")
+        how = "verified" if args.max_distance is None and args.kind is None else "perceptual hash"
+        print(f"no near-duplicates found under {root} ({how})")
         return
     for i, group in enumerate(groups):
-        print(f"group {i}: " + ", ".join(group))
+        print(f"group {i}: keep {group.keeper}; " + ", ".join(f"{p} ({group.relation[p]})" for p in group[1:]))
     print(f"{len(groups)} groups, {sum(map(len, groups))} images; listed in {out / 'duplicates.csv'}, "
           f"pictures beside it")
 
@@ -392,14 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(p)
     p.set_defaults(run=_adapt)
 
-    p = commands.add_parser("duplicates", help="groups of near-identical photos (perceptual hash)",
-                            description="List groups of near-identical images (resized, recompressed or lightly "
-                                        "edited copies), write duplicates.csv and one picture per group.")
+    p = commands.add_parser("duplicates", help="groups of near-identical photos (verified by local features)",
+                            description="List groups of near-identical images (resized, recompressed, cropped, "
+                                        "mirrored, tilted or retouched copies), the one to keep first and how each "
+                                        "other differs; write duplicates.csv and one picture per group.")
     p.add_argument("images_dir")
-    p.add_argument("--max-distance", type=int, default=DUPLICATE_BITS,
-                   help="differing bits of 64 still called a copy (default: %(default)s)")
-    _renamed(p, "--hash", _kind(p, "phash", HASH_KINDS, help="which perceptual hash compares the photos: one of "
-                                                            "the hash kinds (default: %(default)s)"))
+    p.add_argument("--max-distance", type=int, default=None,
+                   help=f"pure perceptual-hash answer instead: differing bits of 64 still called a copy (e.g. "
+                        f"{DUPLICATE_BITS})")
+    _renamed(p, "--hash", _kind(p, None, HASH_KINDS, help="pure perceptual-hash answer instead, by this hash (one "
+                                                         "of the hash kinds; with --max-distance "
+                                                         f"{DUPLICATE_BITS} unless given)"))
+    _features_file(p, help="library whose CNN vectors propose the candidates, used when it is of IMAGES_DIR "
+                           "(default: %(default)s; else the app's data/libraries/<folder>.csv; else the folder is "
+                           "embedded first)")
     _out(p, None, "duplicates.csv and the pictures (default: output/<folder>/duplicates)")
     p.set_defaults(run=_duplicates)
 

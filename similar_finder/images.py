@@ -71,8 +71,11 @@ def labels_from_paths(paths, *, required: bool = False) -> np.ndarray | None:
     return labels
 
 
-def load_image(source: str | Path | bytes, size: int) -> tuple[np.ndarray, list[str]]:
+def load_image(source: str | Path | bytes, size: int, *, keep_aspect: bool = False) -> tuple[np.ndarray, list[str]]:
     """Return ``(uint8 array of shape (size, size, 3), fixes)`` for an image file or its bytes.
+
+    ``keep_aspect``: the longer side is ``size`` and the other keeps the photo's proportions
+    (near-duplicate matching compares geometry, which squashing would distort).
 
     ``fixes`` lists what was done to make the picture a plain upright RGB image
     (EXIF rotation, palette or alpha flattened, CMYK or 16-bit converted, ...).
@@ -98,7 +101,11 @@ def load_image(source: str | Path | bytes, size: int) -> tuple[np.ndarray, list[
             img.load()
             img = _upright(img, fixes)
             rgb = _to_rgb(img, fixes)
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            shape = (size, size)
+            if keep_aspect:
+                scale = size / max(rgb.size)
+                shape = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
+            rgb = rgb.resize(shape, Image.Resampling.BILINEAR, reducing_gap=3.0)
             return np.asarray(rgb, dtype=np.uint8), fixes
     except ImageError:
         raise

@@ -37,6 +37,7 @@ from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range
 from .descriptors import DUPLICATE_BITS, duplicate_groups
 from .features import add_photos, update_photos
 from .library import Library
+from .near_duplicates import near_duplicates
 from .neighbors import sample_rows
 from .recommender import Recommender, _recommender_for
 from .reduce import tsne_embedding, umap_embedding
@@ -605,27 +606,38 @@ class LibraryService:
         low, high = points.min(axis=0), points.max(axis=0)
         return rows, (points - low) / np.maximum(high - low, 1e-12)
 
-    def duplicates(self, max_distance: int = DUPLICATE_BITS) -> dict:
-        """Groups of near-identical photos (perceptual hash), largest first, and which photos are left out."""
+    def duplicates(self, max_distance: int | None = None) -> dict:
+        """Groups of near-identical photos, largest first, the one to keep first, and which photos are left out.
+
+        Verified by local features with the library's CNN vectors as candidates
+        (:func:`~similar_finder.near_duplicates.near_duplicates`); ``max_distance``: the pure perceptual-hash answer.
+        """
         groups, left_out = self._once(self._derived, f"duplicates-{max_distance}",
                                       lambda: self._duplicate_groups(max_distance))
         paths, ids, root, gone = self.library.paths, self.library.ids, self.library.root, dict(left_out)
         kept = []
-        for group in groups:  # a photo deleted since leaves its group (and a group of one is no group)
+        for group, relation in groups:  # a photo deleted since leaves its group (and a group of one is no group)
             present = [r for r in group if (root / paths[r]).is_file()]
             gone.update({paths[r]: "its file is gone" for r in group if r not in present})
             if len(present) > 1:
-                kept.append([{"image_id": int(ids[r]), "path": paths[r]} for r in present])
+                kept.append([{"image_id": int(ids[r]), "path": paths[r], "keep": r == group[0],
+                              "relation": relation.get(paths[r], "kept" if r == group[0] else None)}
+                             for r in present])
         return {"groups": kept, "message": None if kept else "No near-duplicates found", "note": _left_out_note(gone)}
 
-    def _duplicate_groups(self, max_distance: int) -> tuple[list[list[int]], dict[str, str]]:
+    def _duplicate_groups(self, max_distance: int | None) -> tuple[list, dict[str, str]]:
         library = self.library
+        if max_distance is None:
+            found, left_out = near_duplicates(library.root, library.paths, library.vectors("cnn"))
+            return [([library.row_of[p] for p in g], g.relation) for g in found], left_out
+        relation = {p: f"phash within {max_distance} bits" for p in library.paths}
         try:
-            return duplicate_groups(library.vectors("phash"), max_distance, library.paths), {}
+            return [(g, relation) for g in duplicate_groups(library.vectors("phash"), max_distance,
+                                                            library.paths)], {}
         except ImageError:  # a photo gone or damaged since the extraction: grouped without it, and said so
             rows, vectors, left_out = self._readable("phash")
             groups = duplicate_groups(vectors, max_distance, [library.paths[r] for r in rows])
-            return [[rows[i] for i in group] for group in groups], left_out
+            return [([rows[i] for i in group], relation) for group in groups], left_out
 
     # --- files ----------------------------------------------------------------------------
 

@@ -226,7 +226,7 @@ def test_a_deleted_and_a_damaged_photo_drop_out_and_the_rest_still_answer(tmp_pa
         dups = client.get("/api/duplicates")
         assert dups.status_code == 200, dups.text
         groups = [[p["path"] for p in g] for g in dups.json()["groups"]]
-        assert groups == [["copy.jpg", "img0000.jpg"]]  # copy1.jpg lost its pair
+        assert groups == [["img0000.jpg", "copy.jpg"]]  # the older file kept first; copy1.jpg lost its pair
         assert gone in dups.json()["note"]
         detail = one_line_problem(client.get(f"/api/similar/{library.row_of[gone]}", params={"approach": "color"}),
                                   404)

@@ -380,14 +380,15 @@ async function openDuplicates() {
   const body = await api("/api/duplicates");
   const photos = body.groups.reduce((sum, g) => sum + g.length, 0);
   $("#dup-note").textContent = body.groups.length
-    ? `${body.groups.length} groups, ${photos} photos, largest first (perceptual hash, at most 6 of 64 bits apart)`
+    ? `${body.groups.length} groups, ${photos} photos, largest first; the one to keep first, and how each other differs`
     : body.message;
   if (body.note) $("#dup-note").textContent += ` · ${body.note}`;
   $("#groups").replaceChildren(...body.groups.map((group, i) => el("div", { className: "group" }, [
     el("h3", { textContent: `Group ${i + 1} · ${group.length} photos` }),
     el("ol", {}, group.map((p) => {
       const item = el("li", { title: p.path }, [el("img", { src: `/api/thumb/${p.image_id}`, alt: p.path, loading: "lazy" }),
-                                                el("span", { textContent: p.path })]);
+                                                el("span", { textContent: p.path }),
+                                                el("span", { className: "muted", textContent: p.keep ? "keep" : p.relation || "" })]);
       item.addEventListener("click", () => { location.hash = `#/photo/${p.image_id}`; });
       return item;
     })),

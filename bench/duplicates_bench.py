@@ -1,0 +1,164 @@
+"""Near-duplicate finding against a generated truth: precision, recall, per-edit recall and wall time.
+
+    python bench/duplicates_bench.py [--set clothing] [--photos 450] [--edited 120] [--seed 0]
+
+Draws ``--photos`` photos of one shared set (same-domain distractors), gives ``--edited`` of them 3 edits each
+(drawn from :data:`EDITS`, the ones people make) and writes the folder under ``data/bench/duplicates/`` (never
+committed; rebuilt only when missing), with its EfficientNet-Lite0 library beside it (extracted once). Then scores
+pairs within a group against the truth (a photo and its copies) for ``similar_finder``'s verified finder, its pure
+hash answer (``--max-distance``) and, when installed, Debian's ``findimagedupes`` (``apt-get install
+findimagedupes``; skipped otherwise). Wall times exclude the library's extraction (the CLI reuses a library).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+HERE = Path(__file__).resolve().parent.parent
+DATA = HERE.parent / "shared" / "data"
+EDITS = {
+    "resize 60%": lambda im: im.resize((max(1, round(im.width * 0.6)), max(1, round(im.height * 0.6))),
+                                       Image.Resampling.LANCZOS),
+    "jpeg q25": None,  # saved at quality 25 below
+    "crop 85%": lambda im: im.crop((round(im.width * 0.075), round(im.height * 0.075),
+                                    round(im.width * 0.925), round(im.height * 0.925))),
+    "brightness 1.3": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
+    "contrast 0.7": lambda im: ImageEnhance.Contrast(im).enhance(0.7),
+    "blur 1.5px": lambda im: im.filter(ImageFilter.GaussianBlur(1.5)),
+    "mirror": ImageOps.mirror,
+    "rotate 5": lambda im: im.rotate(5, resample=Image.Resampling.BICUBIC, expand=False, fillcolor=(255, 255, 255)),
+    "caption": lambda im: _caption(im),
+    "greyscale": lambda im: ImageOps.grayscale(im).convert("RGB"),
+}
+
+
+def _caption(im: Image.Image) -> Image.Image:
+    im = im.copy()
+    draw = ImageDraw.Draw(im)
+    bar = max(12, im.height // 8)
+    draw.rectangle((0, im.height - bar, im.width, im.height), fill=(20, 20, 20))
+    draw.text((4, im.height - bar + 2), "holiday 2024 - do not share", fill=(255, 255, 255))
+    return im
+
+
+def build(set_name: str, photos: int, edited: int, seed: int) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """The folder, each copy's original, each copy's edit."""
+    root = HERE / "data" / "bench" / "duplicates" / f"{set_name}-{photos}-{edited}-seed{seed}" / "photos"
+    files = sorted(p for p in (DATA / set_name).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    rng = np.random.default_rng(seed)
+    chosen = [files[i] for i in rng.choice(len(files), photos, replace=False)]
+    original_of, edit_of = {}, {}
+    names = list(EDITS)
+    for k, source in enumerate(chosen):
+        rel = f"{source.parent.name}/{source.name}"
+        if not (root / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, root / rel)
+        if k >= edited:
+            continue
+        for name in rng.choice(names, 3, replace=False):
+            copy = f"copies/{source.stem}__{name.replace(' ', '_').replace('%', '')}.jpg"
+            original_of[copy], edit_of[copy] = rel, name
+            if not (root / copy).is_file():
+                (root / copy).parent.mkdir(parents=True, exist_ok=True)
+                with Image.open(source) as im:
+                    im = im.convert("RGB")
+                    edit = EDITS[name]
+                    (edit(im) if edit else im).save(root / copy, quality=25 if name == "jpeg q25" else 85)
+    return root, original_of, edit_of
+
+
+def score(groups, original_of: dict, edit_of: dict, seconds: float, cpu: float) -> dict:
+    truth = {frozenset((copy, original)) for copy, original in original_of.items()}
+    truth |= {frozenset(pair) for original in set(original_of.values())
+              for pair in combinations([c for c, o in original_of.items() if o == original], 2)}
+    found = {frozenset(pair) for g in groups for pair in combinations(sorted(g), 2)}
+    hits = found & truth
+    per_edit = Counter()
+    for copy, original in original_of.items():
+        per_edit[edit_of[copy]] += frozenset((copy, original)) in found
+    totals = Counter(edit_of.values())
+    return {"precision": len(hits) / max(len(found), 1), "recall": len(hits) / len(truth), "pairs": len(found),
+            "false pairs": len(found - truth), "seconds": seconds, "cpu": cpu,
+            "per edit": {e: f"{per_edit[e]}/{totals[e]}" for e in EDITS if totals[e]}}
+
+
+def findimagedupes(root: Path) -> tuple[list[list[str]], float] | None:
+    if shutil.which("findimagedupes") is None:
+        return None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    run = subprocess.run(["findimagedupes", "-R", "--", str(root)], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    groups = [[str(Path(p).relative_to(root)) for p in line.split()] for line in run.stdout.splitlines() if line]
+    return groups, seconds, cpu
+
+
+def timed(function):
+    """``function()``, its wall seconds and the CPU seconds of this process (all threads): on a shared machine
+    the CPU seconds compare tools fairly where the wall time depends on the others' load."""
+    cpu, start = time.process_time(), time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start, time.process_time() - cpu
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", default="clothing")
+    parser.add_argument("--photos", type=int, default=450)
+    parser.add_argument("--edited", type=int, default=120)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-findimagedupes", action="store_true")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    from similar_finder import extract_features
+    from similar_finder.near_duplicates import find_duplicates
+
+    root, original_of, edit_of = build(args.set, args.photos, args.edited, args.seed)
+    library = root.parent / "features.csv"
+    if not library.is_file():
+        extract_features(root, library, "efficientnet_lite0", progress=False)
+    print(f"{args.set}, seed {args.seed}: {args.photos} photos + {len(original_of)} copies of {args.edited}")
+    results = {}
+    groups, seconds, cpu = timed(lambda: find_duplicates(root, library=library))
+    results["similar_finder (verified)"] = score(groups, original_of, edit_of, seconds, cpu)
+    labels = Counter((edit_of[p], g.relation.get(p)) for g in groups for p in g if p in edit_of)
+    keepers = sum(g.keeper not in edit_of for g in groups if any(p in edit_of for p in g))
+    hashed, seconds, cpu = timed(lambda: find_duplicates(root, max_distance=6))
+    results["similar_finder --max-distance 6"] = score(hashed, original_of, edit_of, seconds, cpu)
+    other = None if args.no_findimagedupes else shutil.which("findimagedupes")
+    if other is not None:
+        findimagedupes(root)  # once unmeasured: its first run compiles its C part (Inline::C)
+        other = findimagedupes(root)
+        results["findimagedupes (default)"] = score(*other[:1], original_of, edit_of, *other[1:])
+    else:
+        print("findimagedupes: not installed (apt-get install findimagedupes), column skipped")
+    edits = list(EDITS)
+    print("| tool | precision | recall | false pairs | " + " | ".join(edits) + " | wall s | CPU s |")
+    print("|---" * (len(edits) + 6) + "|")
+    for name, r in results.items():
+        print(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['false pairs']} | "
+              + " | ".join(r["per edit"].get(e, "-") for e in edits) + f" | {r['seconds']:.1f} | {r['cpu']:.1f} |")
+    print(f"\nkeeper is the original in {keepers} of {sum(1 for g in groups if any(p in edit_of for p in g))} "
+          "groups holding copies")
+    print("labels given to each edit (edit: label count):")
+    for edit in edits:
+        given = {label: n for (e, label), n in labels.items() if e == edit}
+        if given:
+            print(f"  {edit}: " + ", ".join(f"{label} {n}" for label, n in sorted(given.items(), key=lambda x: -x[1])))
+
+
+if __name__ == "__main__":
+    main()
