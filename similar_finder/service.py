@@ -135,8 +135,10 @@ class _Batcher:
     an answer never depends on what others asked at the same time.
     """
 
-    def __init__(self, model, *, left_out: dict[str, str] | None = None, model_row: dict[int, int] | None = None):
+    def __init__(self, model, library, *, left_out: dict[str, str] | None = None,
+                 model_row: dict[int, int] | None = None):
         self.model = model
+        self.library = library  # the snapshot the model was fitted on: its rows are the model's
         # Photos (path: why) the model was fitted without, their files gone or damaged; the model then numbers
         # the other photos in their own order: model_row maps a library row to its row in the model.
         self.left_out = left_out or {}
@@ -222,6 +224,8 @@ class LibraryService:
         self.extract_kwargs = extract_kwargs or {}
         self.catalog = library.catalog()
         self._approaches: dict[str, _Batcher] = {}
+        self._refitting: set[str] = set()
+        self._refit_lock = threading.Lock()
         self._derived: dict[str, object] = {}
         self._build = threading.RLock()  # one fit at a time (K-Means is fitted inside the fit of its approach)
         self._model = threading.Lock()  # the backbone embeds one batch at a time
@@ -276,30 +280,51 @@ class LibraryService:
         return value
 
     def _batcher(self, name: str) -> _Batcher:
+        """The approach fitted on the current library; after a change, the one fitted before it while the new one
+        is fitted in the background (an add never waits for an index to be rebuilt, nor do the queries after it)."""
         check_choice("approach", name, APPROACHES)
-        return self._once(self._approaches, name, lambda: self._fitted(name))
+        held, library = self._approaches.get(name), self.library
+        if held is None:
+            return self._once(self._approaches, name, lambda: self._fitted(name, library))
+        if held.library is not library:
+            with self._refit_lock:
+                if name not in self._refitting:
+                    self._refitting.add(name)
+                    threading.Thread(target=self._refit, args=(name, library), daemon=True,
+                                     name=f"similar-finder-refit-{name}").start()
+        return held
 
-    def _fitted(self, name: str) -> _Batcher:
+    def _refit(self, name: str, library: Library) -> None:
         try:
-            return _Batcher(self._fit(name))
+            batcher = self._fitted(name, library)
+            if self.library is library:
+                self._approaches[name] = batcher
+        except Exception as exc:  # noqa: BLE001 - the stale approach goes on answering; said in one line
+            log.warning("could not refit the %s approach after the library changed: %s", name, exc)
+        finally:
+            with self._refit_lock:
+                self._refitting.discard(name)
+
+    def _fitted(self, name: str, library: Library) -> _Batcher:
+        try:
+            return _Batcher(self._fit(name, library), library)
         except ImageError:
             if name not in PER_PHOTO:
                 raise
         # A photo deleted or damaged since the extraction has no colour or hash: the approach is fitted on the
         # others, and says which it left out, instead of failing for the whole library.
-        rows, vectors, left_out = self._readable(PER_PHOTO[name])
+        rows, vectors, left_out = self._readable(PER_PHOTO[name], library)
         if len(rows) < 2:
             raise UsageError(f"only {len(rows)} of the library's photos can still be read; run the extraction again")
-        paths = [self.library.paths[r] for r in rows]
+        paths = [library.paths[r] for r in rows]
         if name == "color":
             model = Recommender(kind="color").fit(vectors, paths)
         else:
             model = Recommender(kind="phash", threshold=DUPLICATE_BITS + 0.5, gate=np.inf).fit(vectors, paths)
-        return _Batcher(model, left_out=left_out, model_row={r: i for i, r in enumerate(rows)})
+        return _Batcher(model, library, left_out=left_out, model_row={r: i for i, r in enumerate(rows)})
 
-    def _readable(self, kind: str) -> tuple[list[int], np.ndarray, dict[str, str]]:
+    def _readable(self, kind: str, library: Library) -> tuple[list[int], np.ndarray, dict[str, str]]:
         """The rows whose photo can still be described as ``kind``, their vectors, and the others with why."""
-        library = self.library
         cache_file = library.files.cache(f"photos-{kind}")
         cached = joblib.load(cache_file) if cache_file.is_file() else {}
         shas = library.shas()
@@ -323,8 +348,7 @@ class LibraryService:
                         ", ".join(list(left_out)[:5]))
         return rows, matrix, left_out
 
-    def _fit(self, name: str):
-        library = self.library
+    def _fit(self, name: str, library: Library):
         if name == "cosine":
             # An app answers several people at once: from APP_IVF_ABOVE photos an IVF index answers in a few
             # milliseconds what brute force takes tens for (measured at 100k: 2.8 against 17 ms, recall@5 1.0).
@@ -354,12 +378,17 @@ class LibraryService:
         """The photos most similar to a library photo (never itself)."""
         photo = self.photo(image_id)
         batcher = self._batcher(approach)
-        row = self.library.row_of_id[photo["image_id"]]
-        row = row if batcher.model_row is None else batcher.model_row.get(row)
-        if row is None:
-            raise NotFound(f"photo {image_id} ({photo['path']}) has no {APPROACHES[approach]}: "
-                           f"{batcher.left_out.get(photo['path'], 'it cannot be read')}; run the extraction again")
-        answer = self._answer(approach, batcher, *batcher(n, row=row))
+        row = batcher.library.row_of_id.get(photo["image_id"])
+        if row is None:  # added after the approach was fitted: asked by its vector, as a new photo would be
+            current = self.library
+            vector = current.vectors(batcher.model.kind)[current.row_of_id[photo["image_id"]]]
+            answer = self._answer(approach, batcher, *batcher(n, vector=vector))
+        else:
+            row = row if batcher.model_row is None else batcher.model_row.get(row)
+            if row is None:
+                raise NotFound(f"photo {image_id} ({photo['path']}) has no {APPROACHES[approach]}: "
+                               f"{batcher.left_out.get(photo['path'], 'it cannot be read')}; run the extraction again")
+            answer = self._answer(approach, batcher, *batcher(n, row=row))
         answer.query = {k: photo[k] for k in ("image_id", "path", "folder", "width", "height")}
         return answer
 
@@ -374,13 +403,15 @@ class LibraryService:
     def _answer(self, name, batcher: _Batcher, distances, indices, gates) -> Answer:
         model = batcher.model
         frame = model.answer(distances[0], indices[0], None if gates is None else gates[0])
-        library, root = self.library, self.library.root
+        current, root = self.library, self.library.root
         results, gone = [], dict(batcher.left_out)
         for rec in frame.to_dict("records"):
             if not (root / rec["path"]).is_file():  # deleted since the extraction: it drops out, said in the note
                 gone[rec["path"]] = "its file is gone"
                 continue
-            results.append({"image_id": library.image_id(rec["path"]), "path": rec["path"],
+            if rec["path"] not in current.row_of:  # removed by a change the approach has not caught up with
+                continue
+            results.append({"image_id": batcher.library.image_id(rec["path"]), "path": rec["path"],
                             "distance": round(float(rec["distance"]), 6),
                             **({"cluster": int(rec["cluster"])} if "cluster" in rec else {})})
         refused = bool(gates is not None and not model.calibration_.admits(gates[0]))  # why it is empty
@@ -513,8 +544,8 @@ class LibraryService:
                 if created:
                     target.unlink(missing_ok=True)
                 raise
-            # New answers for the new library; requests already running finish with the old ones.
-            self._approaches, self._derived = {}, {}
+            # Approaches fitted on the old library answer until theirs are refitted (see _batcher).
+            self._derived = {}
             self.library, self.catalog = library, library.catalog()
         return self.photo(library.image_id(relative))
 
@@ -524,7 +555,7 @@ class LibraryService:
         with self._build, self._model:
             library = update_photos(self.library, paths)
             if library is not self.library:
-                self._approaches, self._derived = {}, {}
+                self._derived = {}
                 self.library, self.catalog = library, library.catalog()
                 stats = library.stats
                 log.info("folder changes: %d embedded, %d known, %d removed, %d unusable (%d photos now)",
@@ -635,7 +666,7 @@ class LibraryService:
             return [(g, relation) for g in duplicate_groups(library.vectors("phash"), max_distance,
                                                             library.paths)], {}
         except ImageError:  # a photo gone or damaged since the extraction: grouped without it, and said so
-            rows, vectors, left_out = self._readable("phash")
+            rows, vectors, left_out = self._readable("phash", library)
             groups = duplicate_groups(vectors, max_distance, [library.paths[r] for r in rows])
             return [([rows[i] for i in group], relation) for group in groups], left_out
 
