@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from conftest import CIFAR, CLOTHING, FOOD_DB, FOOD_QUERIES, stratified_sample, write_non_photos  # noqa: E402
-from quality_bench import CIFAR_BENCH_PER_CLASS, Checks, _answered, features  # noqa: E402
+from conftest import CLOTHING, FOOD_DB, FOOD_QUERIES  # noqa: E402
+from quality_bench import Checks, _answered, bench_folders, features  # noqa: E402
 
 POOL_PER_CLASS = 30  # photos a class whose other-source views are embedded (7 views each)
 SIZES = (36, 100, 400)
@@ -71,12 +71,7 @@ def pool_views(library, folder: Path, work: Path, name: str) -> pd.DataFrame:
 
 
 def load(work: Path, quality: Path) -> tuple[dict, dict, dict]:
-    cifar = quality / "cifar2000"
-    if not cifar.is_dir():
-        stratified_sample(CIFAR, cifar, CIFAR_BENCH_PER_CLASS)
-    non_photos = quality / "non-photos"
-    if not non_photos.is_dir():
-        write_non_photos(non_photos)
+    cifar, non_photos = bench_folders(quality)
     folders = {"food": FOOD_DB, "clothing": CLOTHING, "cifar10 sample": cifar}
     files = {"food": "food", "clothing": "clothing", "cifar10 sample": "cifar2000"}
     sets = {name: features(folders[name], quality, files[name]) for name in folders}

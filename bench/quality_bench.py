@@ -78,15 +78,21 @@ def _answered(model, vectors=None) -> np.ndarray:
     return np.array([len(model.answer(d, i, g)) > 0 for d, i, g in zip(distances, indices, gates)])
 
 
-def trust(work: Path, checks: Checks) -> None:
-    from similar_finder import Recommender, recommend
-
+def bench_folders(work: Path) -> tuple[Path, Path]:
+    """The 2,000-photo CIFAR-10 sample and the generated non-photos, made once under ``work``."""
     cifar = work / "cifar2000"
     if not cifar.is_dir():
         stratified_sample(CIFAR, cifar, CIFAR_BENCH_PER_CLASS)
     non_photos = work / "non-photos"
     if not non_photos.is_dir():
         write_non_photos(non_photos)
+    return cifar, non_photos
+
+
+def trust(work: Path, checks: Checks) -> None:
+    from similar_finder import Recommender, recommend
+
+    cifar, non_photos = bench_folders(work)
     sets = {"food": features(FOOD_DB, work, "food"), "clothing": features(CLOTHING, work, "clothing"),
             "cifar10 sample": features(cifar, work, "cifar2000"),
             "food queries": features(FOOD_QUERIES, work, "food-queries"),
