@@ -28,7 +28,7 @@ _COLUMNS = ", ".join(CATALOG_COLUMNS)
 
 
 class Catalog:
-    """Read access to a catalog written by :func:`update_catalog`."""
+    """Read access to the catalog of a library database (written by :mod:`.store`, in its commits)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)  # the library's database
