@@ -415,7 +415,13 @@ class LibraryService:
                             "distance": round(float(rec["distance"]), 6),
                             **({"cluster": int(rec["cluster"])} if "cluster" in rec else {})})
         refused = bool(gates is not None and not model.calibration_.admits(gates[0]))  # why it is empty
-        return Answer(name, results, refused, note=_left_out_note(gone))
+        note = _left_out_note(gone)
+        if batcher.library is not current:  # said, not waited for: the add that changed it returned at once
+            behind = abs(len(current) - len(batcher.library))
+            stale = (f"answered from the library as it was before its last change ({behind} photos apart); the "
+                     f"change joins the answers in a few seconds")
+            note = f"{note}; {stale}" if note else stale
+        return Answer(name, results, refused, note=note)
 
     def decoding(self, filename: str = "upload", pixels: int | None = None):
         """Admission for decoding ``pixels`` of one upload (a context manager; default: a whole budget's worth).

@@ -238,3 +238,20 @@ def test_the_app_follows_its_folder_through_the_same_commit(library, tmp_path):
         assert len(Library(library.files.csv)) == 6 and service.similar(new_id).results
     finally:
         stop.set()
+
+
+def test_an_add_never_waits_for_the_approaches_and_says_when_an_answer_is_stale(library, tmp_path):
+    from similar_finder.service import LibraryService
+
+    service = LibraryService(library)
+    old_id = int(library.ids[0])
+    assert service.similar(old_id).note is None  # fits the cosine approach on the library as it is
+    [photo] = make_images(tmp_path / "upload", 1, seed=21)
+    added = service.add_photo(photo.read_bytes(), "new.jpg")
+    right_after = service.similar(added["image_id"])  # newer than the approach: asked by its vector
+    assert added["image_id"] not in [r["image_id"] for r in right_after.results]
+    answers = [service.similar(old_id) for _ in range(3)]
+    assert all(a.note is None or "before its last change" in a.note for a in answers)
+    assert _wait_for(lambda: service._approaches["cosine"].library is service.library)
+    fresh = service.similar(old_id)
+    assert fresh.note is None and len(service.library) == 7
