@@ -174,14 +174,6 @@ def config_of(spec: dict) -> dict:
     return {k: spec[k] for k in CONFIG_KEYS if k in spec or k != "adapter"}
 
 
-def fingerprint(config: dict | None, paths, shas) -> str:
-    """A library's identity: its configuration and its photos' paths and content hashes, in path order."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for path, sha in zip(paths, shas):
-        digest.update(f"\n{path}\t{sha}".encode())
-    return digest.hexdigest()[:32]
-
-
 def content_fingerprint(paths, matrix: np.ndarray) -> str:
     """The identity of a CSV known only by its contents (edited by hand, or without its sidecar)."""
     return hashlib.sha256(np.ascontiguousarray(matrix).tobytes() + "\n".join(paths).encode()).hexdigest()[:32]
@@ -371,6 +363,7 @@ def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | 
                   "dim": int(changes.vectors.shape[1]) if len(put) else meta.get("dim")}
         _set_meta(db, **values)
         for key, record in (thresholds or {}).items():
+            record = {**record, "fingerprint": record.get("fingerprint") or stamp}
             db.execute("INSERT OR REPLACE INTO thresholds VALUES (?, ?)", (key, json.dumps(record, default=str)))
     for name in unused:  # no longer named by the committed state; a crash here leaves a leftover, discarded later
         fault_point()
@@ -599,11 +592,13 @@ def _import_exports(files: FeatureFiles) -> StoredFeatures | None:
     if files.thresholds.is_file():
         with contextlib.suppress(OSError, ValueError):
             thresholds = read_json(files.thresholds)
-    thresholds = thresholds or {k: {"fingerprint": meta["fingerprint"], **v} for k, v in meta.get("thresholds", {}).items()}
+    # Version 0.1 kept calibrations in the sidecar, without a fingerprint: they are of this very library.
+    thresholds = thresholds or {k: {"fingerprint": meta.get("fingerprint"), **v}
+                                for k, v in meta.get("thresholds", {}).items()}
     sidecar = {k: v for k, v in meta.items() if k not in ("fingerprint", "images_root", "thresholds", "config")}
     try:
         commit(files, Changes(kept[AUDIT_COLUMNS], legacy.matrix, {}, [], skipped[AUDIT_COLUMNS]), root=root,
-               config=meta.get("config"), sidecar=sidecar, create=True, fingerprint_as=meta["fingerprint"],
+               config=meta.get("config"), sidecar=sidecar, create=True, fingerprint_as=meta.get("fingerprint"),
                thresholds=thresholds)
     except sqlite3.OperationalError as exc:  # a read-only folder: the CSV is served as it is, ids its rows
         log.warning("cannot write %s (%s); reading %s as it is", files.database.name, exc, files.csv.name)
@@ -630,15 +625,14 @@ def _read_exports(files: FeatureFiles) -> StoredFeatures:
             matrix = np.load(files.npy)
             kept = audit[audit["status"] != "skipped"]
             if matrix.shape[0] == len(kept) and np.isfinite(matrix).all():
-                meta.setdefault("fingerprint", fingerprint(config_of(meta.get("config", {})), kept["path"],
-                                                           kept["sha256"]))
                 return StoredFeatures(kept["path"].tolist(), matrix, meta, audit)
     paths, matrix = parse_feature_csv(files.csv)
     if audit is not None:
         kept = audit[audit["status"] != "skipped"]
         if set(kept["path"]) != set(paths):
             audit = None  # the audit describes other photos than the CSV holds: only the CSV is trusted
-    meta["fingerprint"] = content_fingerprint(paths, matrix)
+    if audit is None:  # known only by what it holds: its photos have no content hashes to name it by
+        meta["fingerprint"] = content_fingerprint(paths, matrix)
     return StoredFeatures(paths, matrix, meta, audit)
 
 
@@ -671,7 +665,6 @@ def _read_parquet_store(files: FeatureFiles, meta: dict, audit) -> StoredFeature
     if kept is None or paths != kept["path"].tolist() or shas != kept["sha256"].tolist():
         raise FeaturesError(f"{files.parquet} does not match its audit {files.audit} (an interrupted write?); "
                             f"run the same extraction again, or with --overwrite")
-    meta.setdefault("fingerprint", fingerprint(config_of(meta.get("config", {})), paths, shas))
     return StoredFeatures(paths, matrix, meta, audit)
 
 
@@ -701,8 +694,9 @@ def _export_edited(files: FeatureFiles, stored: StoredFeatures) -> bool:
     put = pd.DataFrame({"path": paths, "status": "ok", "detail": "", "size": None, "mtime_ns": None,
                         "sha256": [shas.get(p, "") for p in paths]})
     removed = sorted(set(stored.paths) - set(paths))
-    commit(files, Changes(put, matrix, {}, removed), root=Path(stored.meta["images_root"]),
-           config=stored.meta.get("config") if matrix.shape[1] == stored.matrix.shape[1] else None)
+    config = stored.meta.get("config") if matrix.shape[1] == stored.matrix.shape[1] else None
+    commit(files, Changes(put, matrix, {}, removed), root=Path(stored.meta["images_root"]), config=config,
+           fingerprint_as=None if config and put["sha256"].astype(bool).all() else content_fingerprint(paths, matrix))
     _record_exports(files)
     return True
 
