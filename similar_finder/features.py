@@ -259,8 +259,7 @@ def _after(library: Library, changes: Changes, done: dict) -> StoredFeatures | N
     added = [done["ids"][p] for p in put["path"]]
     meta = {**library.meta, "fingerprint": done["fingerprint"], "generation": done["generation"],
             "rows": len(paths) + len(added)}
-    audit = pd.concat([audit, put[AUDIT_COLUMNS]], ignore_index=True).sort_values(
-        "path", kind="stable", ignore_index=True)
+    audit = pd.concat([audit, put[AUDIT_COLUMNS]], ignore_index=True)
     return StoredFeatures(paths + put["path"].tolist(), _appended(matrix, changes.vectors) if len(put) else matrix,
                           meta, audit, np.concatenate([ids, np.asarray(added, np.int64)]))
 

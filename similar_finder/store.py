@@ -63,10 +63,11 @@ CATALOG_COLUMNS = ("image_id", "path", "folder", "sha256", "bytes", "width", "he
                    "detail", "cluster")
 CONFIG_KEYS = ("backbone", "weights", "input_size", "pooling", "dim", "adapter")
 READ_CHUNK_BYTES = 64 * 2**20  # a segment is checked and copied in pieces this large: memory stays the matrix
+CHECK_BLOCK_BYTES = 64 * 2**20  # each block of a segment has its own CRC-32, so blocks are read and checked at once
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE segments (segment INTEGER PRIMARY KEY, file TEXT UNIQUE NOT NULL, rows INTEGER NOT NULL,
-                       bytes INTEGER NOT NULL, crc32 INTEGER NOT NULL);
+                       bytes INTEGER NOT NULL, crc32 INTEGER NOT NULL, blocks TEXT NOT NULL);
 CREATE TABLE photos (
     image_id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, folder TEXT NOT NULL, sha256 TEXT NOT NULL,
     bytes INTEGER, mtime_ns INTEGER, width INTEGER, height INTEGER, taken TEXT, camera TEXT, status TEXT NOT NULL,
@@ -280,8 +281,10 @@ def _write_segment(files: FeatureFiles, db: sqlite3.Connection, vectors: np.ndar
     files.vectors.mkdir(parents=True, exist_ok=True)
     with atomic_write(files.vectors / name, "wb") as handle:
         handle.write(memoryview(data).cast("B"))
-    db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?)",
-               (segment, name, len(data), data.nbytes, zlib.crc32(memoryview(data).cast("B"))))
+    raw = memoryview(data).cast("B")
+    blocks = [zlib.crc32(raw[i:i + CHECK_BLOCK_BYTES]) for i in range(0, data.nbytes, CHECK_BLOCK_BYTES)]
+    db.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)",
+               (segment, name, len(data), data.nbytes, zlib.crc32(raw), json.dumps(blocks)))
     _set_meta(db, next_segment=segment + 1)
     return segment
 
@@ -503,21 +506,32 @@ def _check_segment(path: Path, seg, dim: int, matrix: np.ndarray, slots: np.ndar
     crc = 0
     in_order = len(slots) == seg.rows and np.array_equal(slots, np.arange(seg.rows)) and \
         np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))
+    if in_order:  # the usual case: read straight into the matrix, no copy, blocks read and checked in parallel
+        view = memoryview(matrix[rows[0]:rows[0] + seg.rows]).cast("B")
+        expected = json.loads(seg.blocks)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            def check(i: int) -> bool:  # os.preadv and zlib.crc32 release the GIL on large buffers
+                piece = view[i * CHECK_BLOCK_BYTES:(i + 1) * CHECK_BLOCK_BYTES]
+                return os.preadv(fd, [piece], i * CHECK_BLOCK_BYTES) == len(piece) and \
+                    zlib.crc32(piece) == expected[i]
+
+            with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+                good = all(pool.map(check, range(len(expected))))
+        finally:
+            os.close(fd)
+        return None if good else "damaged (its checksum differs from the committed one)"
+    # Photos removed from it, or ids out of slot order: read in pieces, each row to its place.
+    destination = np.full(seg.rows, -1, np.int64)
+    destination[slots] = rows
+    per_chunk = max(1, READ_CHUNK_BYTES // (dim * 4))
     with open(path, "rb") as handle:
-        if in_order:  # the usual case: read straight into the matrix, no copy
-            block = matrix[rows[0]:rows[0] + seg.rows]
-            handle.readinto(memoryview(block).cast("B"))
-            crc = zlib.crc32(memoryview(block).cast("B"))
-        else:  # photos removed from it, or ids out of slot order: read in pieces, each row to its place
-            destination = np.full(seg.rows, -1, np.int64)
-            destination[slots] = rows
-            per_chunk = max(1, READ_CHUNK_BYTES // (dim * 4))
-            for start in range(0, seg.rows, per_chunk):
-                chunk = np.fromfile(handle, np.float32, min(per_chunk, seg.rows - start) * dim).reshape(-1, dim)
-                crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
-                where = destination[start:start + len(chunk)]
-                wanted = where >= 0
-                matrix[where[wanted]] = chunk[wanted]
+        for start in range(0, seg.rows, per_chunk):
+            chunk = np.fromfile(handle, np.float32, min(per_chunk, seg.rows - start) * dim).reshape(-1, dim)
+            crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
+            where = destination[start:start + len(chunk)]
+            wanted = where >= 0
+            matrix[where[wanted]] = chunk[wanted]
     return None if crc == seg.crc32 else "damaged (its checksum differs from the committed one)"
 
 
@@ -528,7 +542,7 @@ def _stored(files: FeatureFiles, meta: dict, photos: pd.DataFrame, skipped: pd.D
                       "size": photos["bytes"], "mtime_ns": photos["mtime_ns"], "sha256": photos["sha256"]}),
         pd.DataFrame({"path": skipped["path"], "status": "skipped", "detail": skipped["reason"].fillna(""),
                       "size": skipped["bytes"], "mtime_ns": skipped["mtime_ns"], "sha256": skipped["sha256"].fillna("")}),
-    ], ignore_index=True).sort_values("path", kind="stable", ignore_index=True)
+    ], ignore_index=True)  # in image_id order, then the skipped files: exports sort it by path
     config = meta.get("config")
     sidecar = {**meta.get("sidecar", {}), **(config or {})}
     sidecar.update(format=FORMAT_VERSION, fingerprint=meta["fingerprint"], rows=len(photos),
@@ -875,6 +889,7 @@ def export(files: FeatureFiles, store_format: str | None = None, stored: StoredF
         return stored
     audit = stored.audit if stored.audit is not None else pd.DataFrame(
         {"path": stored.paths, "status": "ok", "detail": "", "size": None, "mtime_ns": None, "sha256": ""})
+    audit = audit.sort_values("path", kind="stable", ignore_index=True)
     order = np.argsort(np.array(stored.paths, dtype=object), kind="stable")  # exports list photos by path
     paths, matrix = [stored.paths[i] for i in order], stored.matrix[order]
     if store_format == "parquet":
