@@ -321,24 +321,25 @@ def commit(files: FeatureFiles, changes: Changes, *, root: Path, config: dict | 
     with _writer(files, create=create) as db:
         meta = _meta(db)
         content = _content_sum(db, meta)
-        before = dict(_select_in(db, "SELECT path, sha256 FROM photos WHERE path IN",
-                                 [*paths, *changes.moved, *changes.removed]))
+        # (sha256, image_id) of every photo the change touches, as committed before it.
+        before = {p: (sha, i) for p, sha, i in _select_in(db, "SELECT path, sha256, image_id FROM photos WHERE path IN",
+                                                         [*paths, *changes.moved, *changes.removed])}
+        sha_before = {p: sha for p, (sha, _) in before.items()}
         for path in changes.removed:
-            content -= _photo_hash(path, before.get(path, ""))
+            content -= _photo_hash(path, sha_before.get(path, ""))
         for old, new in changes.moved.items():
-            content += _photo_hash(new, before.get(old, "")) - _photo_hash(old, before.get(old, ""))
+            content += _photo_hash(new, sha_before.get(old, "")) - _photo_hash(old, sha_before.get(old, ""))
         for path, sha in zip(paths, put["sha256"].fillna("")):
-            content += _photo_hash(path, sha) - (_photo_hash(path, before[path]) if path in before else 0)
+            content += _photo_hash(path, sha) - (_photo_hash(path, sha_before[path]) if path in before else 0)
         content %= 2 ** 256
         segment = _write_segment(files, db, changes.vectors) if len(put) else None
         for old, new in changes.moved.items():
             db.execute("UPDATE photos SET path = ?, folder = ? WHERE path = ?", (new, folder_of(new), old))
         db.executemany("DELETE FROM photos WHERE path = ?", [(p,) for p in changes.removed])
-        held = dict(_select_in(db, "SELECT path, image_id FROM photos WHERE path IN", paths))
         next_id = int(meta["next_id"])
         rows = []
         for slot, (rec, fact) in enumerate(zip(put.itertuples(index=False), facts)):
-            image_id = held.get(rec.path)
+            image_id = before[rec.path][1] if rec.path in before else None  # a photo put again keeps its id
             if image_id is None:
                 image_id, next_id = next_id, next_id + 1
             rows.append((image_id, rec.path, folder_of(rec.path), rec.sha256 or "", _int(rec.size), _int(rec.mtime_ns),
@@ -541,7 +542,8 @@ def _stored(files: FeatureFiles, meta: dict, photos: pd.DataFrame, skipped: pd.D
         pd.DataFrame({"path": photos["path"], "status": photos["status"], "detail": photos["detail"].fillna(""),
                       "size": photos["bytes"], "mtime_ns": photos["mtime_ns"], "sha256": photos["sha256"]}),
         pd.DataFrame({"path": skipped["path"], "status": "skipped", "detail": skipped["reason"].fillna(""),
-                      "size": skipped["bytes"], "mtime_ns": skipped["mtime_ns"], "sha256": skipped["sha256"].fillna("")}),
+                      "size": skipped["bytes"], "mtime_ns": skipped["mtime_ns"],
+                      "sha256": skipped["sha256"].fillna("")}),
     ], ignore_index=True)  # in image_id order, then the skipped files: exports sort it by path
     config = meta.get("config")
     sidecar = {**meta.get("sidecar", {}), **(config or {})}
@@ -699,7 +701,9 @@ def _export_edited(files: FeatureFiles, stored: StoredFeatures) -> bool:
         with contextlib.suppress(sqlite3.Error, FeaturesError), _writer(files) as db:
             _set_meta(db, exported=None)
         return False
-    if paths == stored.paths and matrix.shape == stored.matrix.shape and np.array_equal(matrix, stored.matrix):
+    order = path_order(stored.paths)  # the export lists photos by path; the library holds them by id
+    if paths == [stored.paths[i] for i in order] and matrix.shape == stored.matrix.shape and \
+            np.array_equal(matrix, stored.matrix[order]):
         _record_exports(files)  # touched, not changed
         return False
     log.info("%s was edited since it was exported; taking the edit into the library", files.csv.name)
@@ -772,6 +776,11 @@ def write_vectors(path: Path, columns: dict, vectors: np.ndarray) -> None:
 
 
 # --- writing ---------------------------------------------------------------------------
+
+def path_order(paths: list[str]) -> np.ndarray:
+    """The rows of ``paths`` sorted by path: the order the exports list photos in."""
+    return np.argsort(np.array(paths, dtype=object), kind="stable")
+
 
 def _csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
@@ -876,7 +885,8 @@ def _keras_backend() -> str:
     return keras.backend.backend() if keras is not None else os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
-def export(files: FeatureFiles, store_format: str | None = None, stored: StoredFeatures | None = None) -> StoredFeatures:
+def export(files: FeatureFiles, store_format: str | None = None,
+           stored: StoredFeatures | None = None) -> StoredFeatures:
     """Write the exports of the committed state (CSV and ``.npy``, or Parquet parts; audit, skipped list, sidecar),
     unless they are in step with it already. ``stored``: that state, if the caller holds it. Returns it."""
     stored = stored or read_store(files.csv)
@@ -890,7 +900,7 @@ def export(files: FeatureFiles, store_format: str | None = None, stored: StoredF
     audit = stored.audit if stored.audit is not None else pd.DataFrame(
         {"path": stored.paths, "status": "ok", "detail": "", "size": None, "mtime_ns": None, "sha256": ""})
     audit = audit.sort_values("path", kind="stable", ignore_index=True)
-    order = np.argsort(np.array(stored.paths, dtype=object), kind="stable")  # exports list photos by path
+    order = path_order(stored.paths)  # exports list photos by path
     paths, matrix = [stored.paths[i] for i in order], stored.matrix[order]
     if store_format == "parquet":
         shas = dict(zip(audit["path"], audit["sha256"]))

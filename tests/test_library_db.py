@@ -255,3 +255,14 @@ def test_an_add_never_waits_for_the_approaches_and_says_when_an_answer_is_stale(
     assert _wait_for(lambda: service._approaches["cosine"].library is service.library)
     fresh = service.similar(old_id)
     assert fresh.note is None and len(service.library) == 7
+
+
+def test_a_touched_csv_is_not_taken_for_an_edit_when_ids_and_paths_differ_in_order(library, tmp_path, caplog):
+    make_images(tmp_path / "photos" / "0first", 1, seed=31)
+    grown = extract_features(tmp_path / "photos", library.files.csv, **FAST)  # ids no longer in path order
+    assert grown.paths != sorted(grown.paths)
+    os.utime(library.files.csv)
+    with caplog.at_level(logging.INFO, "similar_finder"):
+        reopened = Library(library.files.csv)
+    assert not any("was edited" in r.getMessage() for r in caplog.records)
+    assert reopened.fingerprint == grown.fingerprint and list(reopened.ids) == list(grown.ids)
