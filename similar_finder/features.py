@@ -207,14 +207,14 @@ def update_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
         elif path in library.row_of:
             gone.append(path)
     scan = pd.DataFrame(rows, columns=["path", "size", "mtime_ns"])
-    named = library.audit[library.audit["path"].isin(set(scan["path"]))] if library.audit is not None else None
-    previous = {"audit": named} if named is not None else None
-    shas = content_hashes(scan, root, previous, True, None)
+    # What the library records of its photos (a bare CSV records no content hash: nothing is known by content).
+    recorded = library.audit if library.audit is not None else pd.DataFrame(
+        {"path": library.paths, "status": "ok", "detail": "", "size": None, "mtime_ns": None, "sha256": ""})
+    recorded = recorded[(recorded["status"] != "skipped") & recorded["path"].isin(library.row_of)]
+    shas = content_hashes(scan, root, {"audit": recorded[recorded["path"].isin(set(scan["path"]))]}, True, None)
     known = KnownResults()
-    held_rows = library.audit[library.audit["sha256"].isin(set(shas))] if library.audit is not None else None
-    for rec in [] if held_rows is None else held_rows.itertuples(index=False):
-        if rec.status != "skipped" and rec.path in library.row_of:
-            known.add(rec.sha256, rec.status, rec.detail, library.matrix[library.row_of[rec.path]])
+    for rec in recorded[recorded["sha256"].isin(set(shas))].itertuples(index=False):
+        known.add(rec.sha256, rec.status, rec.detail, library.matrix[library.row_of[rec.path]])
     todo = [(p, s) for p, s in zip(scan["path"], shas) if s not in known.by_sha]
     if todo:
         # Batches padded to a power of two: one photo costs one photo's inference, and few batch shapes are traced.
@@ -222,10 +222,8 @@ def update_photos(library: Library, paths, *, batch_size: int = 32) -> Library:
         new_shas = InProcessRunner(model_for(library.meta), batch_size=size, progress=False).run(
             todo, root, MemoryWriter(known))
         shas = [new_shas.get(p, s) for p, s in zip(scan["path"], shas)]
-    audit, matrix = known.table(scan, shas, int(library.config["dim"]))
-    touched = set(scan["path"]) | set(gone)
-    held = pd.DataFrame({"path": [p for p in library.paths if p in touched]})
-    held["sha256"] = [library.audit_sha(p) for p in held["path"]]
+    audit, matrix = known.table(scan, shas, library.matrix.shape[1])
+    held = recorded.loc[recorded["path"].isin(set(scan["path"]) | set(gone)), ["path", "sha256"]]
     changes = plan_changes(held, audit, matrix, same_config=True)
     changes.skipped = None  # the skipped list is the whole folder's: extract keeps it
     updated = library

@@ -67,7 +67,6 @@ class Library:
         self.stats = None  # set by extract_features: what the run that produced this library did
         self._vectors: dict[str, np.ndarray] = {"cnn": self.matrix}
         self.models: dict = {}  # models fitted on this library, reused by recommend() and the app
-        self._sha_of: dict[str, str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -149,12 +148,6 @@ class Library:
             read_store(self.files.csv)  # rebuilds it from the exports, saying so
             catalog = Catalog(self.files.database)
         return catalog
-
-    def audit_sha(self, path: str) -> str:
-        """The content hash recorded for a library photo ("" when the store has none)."""
-        if self._sha_of is None:
-            self._sha_of = {} if self.audit is None else dict(zip(self.audit["path"], self.audit["sha256"]))
-        return self._sha_of.get(path, "")
 
     def image_id(self, path: str) -> int:
         """The image_id of a library photo (a path relative to ``root``)."""
