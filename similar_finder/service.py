@@ -206,8 +206,7 @@ class LibraryService:
 
     def __init__(self, library: Library, *, originals: str | os.PathLike | None = None,
                  max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_upload_mp: float = DEFAULT_MAX_UPLOAD_MP,
-                 decode_slots: int = DECODE_SLOTS, decode_wait_s: float = DECODE_WAIT_S,
-                 extract_kwargs: dict | None = None):
+                 decode_slots: int = DECODE_SLOTS, decode_wait_s: float = DECODE_WAIT_S):
         self.library = library
         self.originals = Path(originals).expanduser().resolve() if originals else None
         if self.originals is not None and not self.originals.is_dir():
@@ -221,7 +220,6 @@ class LibraryService:
         # admitted by slots and by pixels: the photos decoding at once add up to at most one at the budget.
         self._decoding = _Admission(max(1, int(decode_slots)), self.max_upload_pixels)
         self.decode_wait_s = float(decode_wait_s)
-        self.extract_kwargs = extract_kwargs or {}
         self.catalog = library.catalog()
         self._approaches: dict[str, _Batcher] = {}
         self._refitting: set[str] = set()
@@ -550,10 +548,14 @@ class LibraryService:
                 if created:
                     target.unlink(missing_ok=True)
                 raise
-            # Approaches fitted on the old library answer until theirs are refitted (see _batcher).
-            self._derived = {}
-            self.library, self.catalog = library, library.catalog()
+            self._swap(library)
         return self.photo(library.image_id(relative))
+
+    def _swap(self, library: Library) -> None:
+        """Answer from ``library`` (just committed) from now on; called holding ``_build``."""
+        # Approaches fitted on the old library answer until theirs are refitted (see _batcher).
+        self._derived = {}
+        self.library, self.catalog = library, library.catalog()
 
     def update_from_folder(self, paths) -> None:
         """Take changes seen in the folder (photos added, changed, moved or removed: relative paths) into the
@@ -561,8 +563,7 @@ class LibraryService:
         with self._build, self._model:
             library = update_photos(self.library, paths)
             if library is not self.library:
-                self._derived = {}
-                self.library, self.catalog = library, library.catalog()
+                self._swap(library)
                 stats = library.stats
                 log.info("folder changes: %d embedded, %d known, %d removed, %d unusable (%d photos now)",
                          stats.embedded, stats.reused, stats.removed, stats.skipped, len(library))
