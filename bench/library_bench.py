@@ -12,7 +12,8 @@ committed to a library database (``similar_finder.store``), then timed, each in 
   own time for that photo measured apart (target: the add ≤ 1 s beyond it at 100k);
 * add 1,000 photos' vectors (the commit alone: their model time is the model's), remove 1;
 * at the smallest size, the app's similar-by-id latency (``LibraryService.similar``, median and p95, in-process)
-  while another thread adds photos through ``LibraryService.add_photo``.
+  while another thread adds photos through ``LibraryService.add_photo``, and how many answers came from the
+  library as it was before an add (its index is updated with each add: none should).
 
 The same vectors in Lance (``pylance``, when installed): write, open and read to numpy, append 1 and 1,000,
 delete 1. Prints one table per size.
@@ -101,21 +102,23 @@ def similar_during_adds(library) -> dict:
         done.set()
 
     thread = threading.Thread(target=adder)
-    latencies, errors = [], 0
+    latencies, errors, stale = [], 0, 0
     rng = np.random.default_rng(0)
     thread.start()
     while not done.is_set() and len(latencies) < 2000:
         ids = service.library.ids
         started = time.perf_counter()
         try:
-            service.similar(int(ids[rng.integers(len(ids))]))
+            answer = service.similar(int(ids[rng.integers(len(ids))]))
+            stale += bool(answer.note and "before its last change" in answer.note)
         except Exception:  # noqa: BLE001 - counted: none is expected
             errors += 1
         latencies.append(time.perf_counter() - started)
     thread.join()
     latencies.sort()
     return {"similar during adds: median ms": 1000 * statistics.median(latencies),
-            "p95 ms": 1000 * latencies[int(0.95 * len(latencies))], "requests": len(latencies), "errors": errors}
+            "p95 ms": 1000 * latencies[int(0.95 * len(latencies))], "requests": len(latencies), "errors": errors,
+            "stale answers": stale, "approach refitted": int(service._approaches["cosine"].model_changes() == 0)}
 
 
 def bench_lance(folder: Path, n: int) -> dict | None:

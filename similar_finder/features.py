@@ -36,7 +36,7 @@ from .incremental import (CheckpointWriter, KnownResults, MemoryWriter, content_
 from .library import Library
 from .ray_engine import RayRunner
 from .store import (AUDIT_COLUMNS, STORE_FORMATS, Changes, FeatureFiles, FeaturesError, StoredFeatures, commit,
-                    config_of, plan_changes, read_store, spare_rows, write_store)
+                    config_of, empty_matrix, plan_changes, read_store, spare_rows, write_store)
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +248,9 @@ def _after(library: Library, changes: Changes, done: dict) -> StoredFeatures | N
     audit = library.audit
     if changes.removed:
         gone = {library.row_of[p] for p in changes.removed if p in library.row_of}
-        keep = np.array([r not in gone for r in range(len(paths))])
-        paths, matrix, ids = [p for p, k in zip(paths, keep) if k], matrix[keep], ids[keep]
+        keep = np.ones(len(paths), bool)
+        keep[list(gone)] = False
+        paths, matrix, ids = [p for p, k in zip(paths, keep) if k], _without(matrix, gone), ids[keep]
         audit = audit[~audit["path"].isin(set(changes.removed))]
     if changes.moved:
         paths = [changes.moved.get(p, p) for p in paths]
@@ -272,25 +273,50 @@ def _appended(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     ``matrix`` stays as it was: snapshots still answering see their own rows only. A buffer's free rows are taken
     once; a second add to the same older snapshot gets a copy.
     """
-    n, k = len(matrix), len(rows)
-    buffer = matrix.base
-    prefix = (isinstance(buffer, np.ndarray) and buffer.ndim == 2 and buffer.shape[1] == matrix.shape[1]
-              and buffer.dtype == matrix.dtype
-              and buffer.__array_interface__["data"][0] == matrix.__array_interface__["data"][0])
+    n, k, dim = len(matrix), len(rows), matrix.shape[1]
+    owner = matrix  # the array holding the memory (views of views name it as their base)
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    address = matrix.__array_interface__["data"][0]
+    starts_owner = owner is not matrix and owner.dtype == matrix.dtype and owner.size % dim == 0 and \
+        owner.__array_interface__["data"][0] == address and matrix.flags.c_contiguous
     with _GROWN_LOCK:
-        address = matrix.__array_interface__["data"][0]
-        if prefix and len(buffer) >= n + k and _GROWN.get(address, n) == n:
+        if starts_owner and owner.size // dim >= n + k and _GROWN.get(address, n) == n:
             if address not in _GROWN:
-                weakref.finalize(buffer, _GROWN.pop, address, None)
+                weakref.finalize(owner, _GROWN.pop, address, None)
             _GROWN[address] = n + k
+            buffer = owner.reshape(-1, dim)
             buffer[n:n + k] = rows
             return buffer[:n + k]
-    grown = np.empty((n + k + spare_rows(n + k), matrix.shape[1]), matrix.dtype)
+    grown = _buffer(n + k, dim)
     grown[:n], grown[n:n + k] = matrix, rows
+    return grown
+
+
+def _buffer(n: int, dim: int) -> np.ndarray:
+    """A new matrix of ``n`` rows (to be filled) with free rows after it, for adds to grow into."""
+    buffer = empty_matrix(n + spare_rows(n), dim)
+    owner = buffer
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
     with _GROWN_LOCK:
-        _GROWN[grown.__array_interface__["data"][0]] = n + k
-        weakref.finalize(grown, _GROWN.pop, grown.__array_interface__["data"][0], None)
-    return grown[:n + k]
+        _GROWN[buffer.__array_interface__["data"][0]] = n
+        weakref.finalize(owner, _GROWN.pop, buffer.__array_interface__["data"][0], None)
+    return buffer[:n]
+
+
+def _without(matrix: np.ndarray, rows) -> np.ndarray:
+    """``matrix`` without ``rows``: the runs between them copied into a new buffer (a removal moves every row
+    after the first removed one; it copies memory at memory speed, and writes nothing to disk)."""
+    keep = np.ones(len(matrix), bool)
+    keep[list(rows)] = False
+    out = _buffer(int(keep.sum()), matrix.shape[1])
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]])))
+    at = 0
+    for start, end in zip(edges[::2], edges[1::2]):
+        out[at:at + end - start] = matrix[start:end]
+        at += end - start
+    return out
 
 
 def remove_photos(library: Library, image_ids) -> Library:

@@ -184,6 +184,7 @@ class Neighbors:
         index is saved there and reused while the fingerprint and the index settings are unchanged."""
         features = as_matrix(features)
         self.raw_ = features  # the caller's array (no copy): queries by row read it
+        self.base_ = None  # set on the copies updated() makes
         self.mean_ = features.mean(0) if self.center and self.metric == "cosine" else None
         # Uncentred cosine for the gate needs each row's length; only kept when centring.
         self.norms_ = None if self.mean_ is None else np.sqrt(np.einsum("ij,ij->i", features, features))
@@ -196,6 +197,40 @@ class Neighbors:
             self.library_ = None
             self.faiss_index_ = self._load_or_build(features, index_file, fingerprint)
         return self
+
+    def updated(self, features: np.ndarray, base_rows: np.ndarray) -> "Neighbors":
+        """These neighbours over ``features``, a later state of the fitted library, without refitting.
+
+        ``base_rows[r]`` is the fitted row that row ``r`` of ``features`` was (-1: a vector added since). The
+        fitted search, index and all, answers for the rows kept; the added ones are searched exactly beside it
+        and merged in; removed rows are left out. It is what ``add_with_ids``/``remove_ids`` do to a FAISS
+        index, without touching the fitted one, which other snapshots may be searching at the same time: an
+        update costs the change, not the library. The centring mean stays the fitted one (refit to renew it).
+        """
+        base = self if getattr(self, "base_", None) is None else self.base_
+        features, base_rows = as_matrix(features), np.asarray(base_rows, np.int64)
+        if len(base_rows) != len(features) or base_rows.max(initial=-1) >= base.n:
+            raise UsageError(f"{len(base_rows)} base rows (below {base.n}) for {len(features)} vectors")
+        new = object.__new__(type(self))
+        new.__dict__.update(base.__dict__)
+        kept = base_rows >= 0
+        new.raw_, new.base_, new.library_, new.faiss_index_ = features, base, None, None
+        new.new_row_of_base_ = np.full(base.n, -1, np.int64)
+        new.new_row_of_base_[base_rows[kept]] = np.flatnonzero(kept)
+        new.added_rows_ = np.flatnonzero(~kept)
+        new.added_ = base.transform(features[new.added_rows_])
+        new.removed_ = base.n - int(kept.sum())
+        if base.norms_ is not None:
+            new.norms_ = np.empty(len(features), np.float32)
+            new.norms_[kept] = base.norms_[base_rows[kept]]
+            added = features[new.added_rows_]
+            new.norms_[~kept] = np.sqrt(np.einsum("ij,ij->i", added, added))
+        return new
+
+    @property
+    def changes(self) -> int:
+        """Vectors added and removed since the fitted search (0 for a fitted one): see :meth:`updated`."""
+        return 0 if getattr(self, "base_", None) is None else len(self.added_rows_) + self.removed_
 
     def index_for(self, n: int) -> str:
         """The index :meth:`fit` builds for ``n`` vectors: brute, flat, ivf or ivfpq."""
@@ -295,6 +330,8 @@ class Neighbors:
         k = min(int(n_neighbors), self.n - int(own))
         if k < 1:
             return np.empty((count, 0), np.float32), np.empty((count, 0), np.int64)
+        if getattr(self, "base_", None) is not None:  # (searches saved before updates existed have none)
+            return self._merged_kneighbors(queries, rows, k)
         if self.faiss_index_ is not None:
             return self._faiss_kneighbors(queries, rows, k)
         out_d = np.empty((count, k), np.float32)
@@ -302,6 +339,35 @@ class Neighbors:
         for positions, block in self.blocks(queries, rows=rows):
             out_d[positions], out_i[positions] = _sorted_head(block, k)
         return out_d, out_i
+
+    def _merged_kneighbors(self, queries, rows, k):
+        """kneighbors of an :meth:`updated` search: the fitted one's, renumbered, merged with the added rows'."""
+        if queries is None:
+            exclude = own_rows(self.n, rows)
+            queries = self.raw_[exclude]
+        else:
+            queries = self._check_queries(queries)
+            exclude = np.full(len(queries), -1)
+        base = self.base_
+        # Enough from the fitted search that k survive the removed rows and the query's own row.
+        base_d, base_i = base.kneighbors(queries, min(base.n, k + 1 + self.removed_))
+        base_i = np.where(base_i >= 0, self.new_row_of_base_[np.maximum(base_i, 0)], -1)
+        distances, indices = [base_d], [base_i]
+        if len(self.added_rows_):
+            distances.append(pairwise_distances(self.transform(queries), self.added_, self.metric,
+                                                library_normalized=True))
+            indices.append(np.broadcast_to(self.added_rows_, distances[-1].shape))
+        distances, indices = np.concatenate(distances, axis=1), np.concatenate(indices, axis=1)
+        missing = (indices < 0) | (indices == exclude[:, None])
+        distances = np.where(missing, np.inf, distances)
+        order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+        distances, indices = np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+        out_i = np.where(np.isinf(distances), -1, indices)
+        if out_i.shape[1] < k:  # fewer photos left than asked for: padded, as a short library is
+            pad = k - out_i.shape[1]
+            distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf)
+            out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
+        return distances.astype(np.float32), out_i.astype(np.int64)
 
     def search(self, queries: np.ndarray | None = None, n_neighbors: int = 5, *, rows=None):
         """``(distances, indices, gate_scores)``: :meth:`kneighbors` plus each query's gate score.

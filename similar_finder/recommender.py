@@ -34,6 +34,7 @@ any kind of :mod:`.kinds`: PCA-reduced CNN features, colour histograms
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -194,6 +195,26 @@ class Recommender(Approach):
         self.calibration_ = self._choose_calibration()
         return self
 
+    def updated(self, library: Library) -> "Recommender":
+        """This recommender over ``library``, a later state of the library it was fitted on (photos added,
+        removed or moved since), at the cost of the change: the fitted search and its index stay, the photos
+        added are searched beside them and the removed ones left out (:meth:`Neighbors.updated`). Its
+        calibration is the fitted one; fit again to recalibrate (the app does when the changes add up).
+        """
+        check_is_fitted(self, "neighbors_")
+        base = getattr(self, "base_library_", None) or self.library_
+        if base is None or not isinstance(library, Library):
+            raise UsageError("only a recommender fitted on a Library can follow its changes; fit it again")
+        new = copy.copy(self)
+        matrix = new._fit_library(library, None, self.kind_)
+        new.base_library_ = base
+        fitted = self.neighbors_.base_ if self.neighbors_.changes else self.neighbors_
+        base_rows = _rows_in(base.ids, library.ids)
+        base_rows[_changed(fitted.raw_, matrix, base_rows)] = -1  # a photo whose content changed: taken anew
+        new.neighbors_ = self.neighbors_.updated(matrix, base_rows)
+        new.raw_ = matrix
+        return new
+
     def _neighbors(self) -> Neighbors:
         return Neighbors(self.metric_, center=self.center, index=self.index, nprobe=self.nprobe,
                          ivf_above=self.ivf_above, pq_above=self.pq_above, pq_bytes=self.pq_bytes)
@@ -318,3 +339,24 @@ def _recommender_for(library: Library, kind: str, metric: str | None, expansion:
     if key not in library.models:
         library.models[key] = Recommender(metric, kind=kind, query_expansion=expansion).fit(library)
     return library.models[key]
+
+
+def _rows_in(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The row of each of ``wanted`` in ``ids`` (-1 where absent); ids are in ascending order in a library."""
+    ids, wanted = np.asarray(ids, np.int64), np.asarray(wanted, np.int64)
+    order = np.argsort(ids, kind="stable")  # a no-op pass on sorted ids, and right if they are not
+    at = np.minimum(np.searchsorted(ids, wanted, sorter=order), len(ids) - 1)
+    return np.where(ids[order[at]] == wanted, order[at], -1)
+
+
+def _changed(before: np.ndarray, after: np.ndarray, before_rows: np.ndarray, block: int = 8192) -> np.ndarray:
+    """The rows of ``after`` whose vector differs from row ``before_rows[r]`` of ``before`` (a photo edited in
+    place keeps its id, not its vector). Rows grown into the same memory are the same by construction; others
+    are compared exactly, in blocks (no copy of the library)."""
+    kept = np.flatnonzero(before_rows >= 0)
+    if before.__array_interface__["data"][0] == after.__array_interface__["data"][0] and \
+            np.array_equal(before_rows[kept], kept):
+        return np.zeros(0, np.int64)
+    changed = [part[(before[before_rows[part]] != after[part]).any(1)]
+               for part in (kept[s:s + block] for s in range(0, len(kept), block))]
+    return np.concatenate([np.zeros(0, np.int64), *changed])

@@ -15,6 +15,7 @@ only by :meth:`add_photo`, on request.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -40,6 +41,7 @@ from .library import Library
 from .near_duplicates import near_duplicates
 from .neighbors import sample_rows
 from .recommender import Recommender, _recommender_for
+from .store import joining
 from .reduce import tsne_embedding, umap_embedding
 from .recommender import NO_RESULTS
 
@@ -51,6 +53,17 @@ APPROACHES = {
     "color": "colour histogram",
     "duplicates": "near-duplicates (perceptual hash)",
 }
+# Approaches updated with each change to the library (their index takes the photos added and drops the ones
+# removed: the change's cost) until the changes since their fit reach refit_after(photos); then, and for the
+# others after every change, they are refitted in the background, answering meanwhile.
+FOLLOW_CHANGES = ("cosine",)
+
+
+def refit_after(photos: int) -> int:
+    """Changes an updated approach takes before it is refitted (its calibration and centring renewed)."""
+    return max(1, photos // 20)  # a small library is refitted in a moment, and its calibration moves most
+
+
 PER_PHOTO = {"color": "color", "duplicates": "phash"}  # approaches described from each photo's pixels, by kind
 APP_IVF_ABOVE = 50_000  # the app's cosine search uses an IVF index from this many photos
 THUMB_SIZE = 256
@@ -146,6 +159,11 @@ class _Batcher:
         self._lock = threading.Lock()
         self._pending: list[dict] = []
         self._leading = False
+
+    def model_changes(self) -> int:
+        """Photos added or removed since the model was fitted (it was updated since: see FOLLOW_CHANGES)."""
+        neighbors = getattr(self.model, "neighbors_", None)
+        return 0 if neighbors is None else neighbors.changes
 
     def __call__(self, n: int, *, row: int | None = None, vector: np.ndarray | None = None):
         """``(distances, indices, gates)`` of one query: a library ``row`` or a raw ``vector``."""
@@ -284,7 +302,7 @@ class LibraryService:
         held, library = self._approaches.get(name), self.library
         if held is None:
             return self._once(self._approaches, name, lambda: self._fitted(name, library))
-        if held.library is not library:
+        if held.library is not library or held.model_changes() >= refit_after(len(library)):
             with self._refit_lock:
                 if name not in self._refitting:
                     self._refitting.add(name)
@@ -527,33 +545,46 @@ class LibraryService:
                 raise UploadError(f"{above.relative_to(root).as_posix()} is a file in the library, not a folder; "
                                   f"choose another folder name")
         self.check_upload(data, filename)  # the file kept is the one sent, animated or not
+        relative = target.relative_to(root).as_posix()
         with self._build, self._model:
             created = not target.is_file()
-            try:
-                if created:
-                    try:
-                        with atomic_write(target, "wb") as handle:
-                            handle.write(data)
-                    except OSError as exc:  # a name the file system refuses, a full disk, no permission
-                        raise UploadError(f"{filename} cannot be saved in {folder}: {exc.strerror or exc}; "
-                                          f"choose a shorter or plainer name") from None
-                relative = target.relative_to(root).as_posix()
-                if relative in self.library.row_of:  # the same photo sent again: already in the library
-                    return self.photo(self.library.image_id(relative))
-                library = add_photos(self.library, [relative])
-                if relative not in library.row_of:
-                    raise UploadError(f"{filename} was not taken into the library: "
-                                      f"{library.skipped_now.get(relative, 'it cannot be read')}")
-            except BaseException:
-                if created:
-                    target.unlink(missing_ok=True)
-                raise
+            # Under a journal: a kill before the commit leaves no photo in the folder that the library lacks.
+            with joining(self.library.files, target, relative, sha) if created else contextlib.nullcontext():
+                try:
+                    if created:
+                        try:
+                            with atomic_write(target, "wb") as handle:
+                                handle.write(data)
+                        except OSError as exc:  # a name the file system refuses, a full disk, no permission
+                            raise UploadError(f"{filename} cannot be saved in {folder}: {exc.strerror or exc}; "
+                                              f"choose a shorter or plainer name") from None
+                    if relative in self.library.row_of:  # the same photo sent again: already in the library
+                        return self.photo(self.library.image_id(relative))
+                    library = add_photos(self.library, [relative])
+                    if relative not in library.row_of:
+                        raise UploadError(f"{filename} was not taken into the library: "
+                                          f"{library.skipped_now.get(relative, 'it cannot be read')}")
+                except BaseException:
+                    if created:
+                        target.unlink(missing_ok=True)
+                    raise
             self._swap(library)
         return self.photo(library.image_id(relative))
 
     def _swap(self, library: Library) -> None:
-        """Answer from ``library`` (just committed) from now on; called holding ``_build``."""
-        # Approaches fitted on the old library answer until theirs are refitted (see _batcher).
+        """Answer from ``library`` (just committed) from now on; called holding ``_build``.
+
+        The approaches that follow changes (:data:`FOLLOW_CHANGES`) are updated at the cost of the change, so
+        their answers know the new photos at once; the others answer from the old library, saying so, until
+        theirs are refitted in the background (see :meth:`_batcher`).
+        """
+        for name in FOLLOW_CHANGES:
+            held = self._approaches.get(name)
+            if held is not None and held.model_row is None:
+                try:
+                    self._approaches[name] = _Batcher(held.model.updated(library), library)
+                except Exception as exc:  # noqa: BLE001 - it goes on answering, stale, and is refitted
+                    log.warning("could not update the %s approach after the library changed: %s", name, exc)
         self._derived = {}
         self.library, self.catalog = library, library.catalog()
 

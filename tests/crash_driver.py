@@ -68,7 +68,39 @@ def remove(folder: Path) -> None:
            root=folder / "photos", config=CONFIG)
 
 
-OPERATIONS = {"extract": extract, "add": add, "remove": remove}
+class TinyModel:
+    """Four numbers from a photo's pixels: the embedding of the test CONFIG, in place of a network."""
+
+    name, input_size, dim = "test", 8, 4
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels.reshape(len(pixels), -1)[:, :4].astype(np.float32)
+
+
+def upload(folder: Path) -> None:  # the app's "Add to library" itself: the file saved, embedded, committed
+    from io import BytesIO
+
+    from PIL import Image
+
+    from similar_finder import Library, features
+    from similar_finder.service import LibraryService
+
+    features.model_for = lambda meta: TinyModel()
+    (folder / "photos").mkdir(exist_ok=True)
+    photo = BytesIO()
+    Image.new("RGB", (16, 12), (200, 40, 90)).save(photo, "JPEG")
+    LibraryService(Library(folder / "f.csv")).add_photo(photo.getvalue(), "sent.jpg")
+
+
+def stray_files(folder: Path) -> list[str]:
+    """Files in the photos' folder that the library does not hold (an upload whose add did not commit)."""
+    held = set(read_store(folder / "f.csv").paths)
+    photos = folder / "photos"
+    return sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*")
+                  if p.is_file() and p.relative_to(photos).as_posix() not in held) if photos.is_dir() else []
+
+
+OPERATIONS = {"extract": extract, "add": add, "remove": remove, "upload": upload}
 
 
 def state(folder: Path) -> tuple:
@@ -122,7 +154,7 @@ def run(work: Path, name: str) -> dict:
                 report["failures"].append(f"step {step}: neither the old nor the new state")
             else:
                 report[outcome] += 1
-            left = leftovers(trial)
+            left = leftovers(trial) + [f"stray {f}" for f in stray_files(trial)]
             if left:
                 report["failures"].append(f"step {step}: leftovers after opening: {left}")
             OPERATIONS[name](trial)  # the same change again completes

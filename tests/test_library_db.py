@@ -197,6 +197,9 @@ def test_kill_9_of_the_app_during_an_add_leaves_the_old_or_the_new_library(libra
         assert now == before or (now[:-1] == before and now[-1][1].startswith("uploads/new-")), now
         outcomes.add("old" if now == before else "new")
         assert not list(tmp_path.glob(".*.tmp")) and not list(library.files.vectors.glob(".*"))
+        uploads = library.root / "uploads"  # an upload whose add did not commit is not left to join later
+        saved = {p.relative_to(library.root).as_posix() for p in uploads.iterdir()} if uploads.is_dir() else set()
+        assert saved <= set(reopened.paths), saved
         if now != before:
             remove_photos(reopened, [now[-1][0]])
         shutil.rmtree(library.root / "uploads", ignore_errors=True)
@@ -240,21 +243,68 @@ def test_the_app_follows_its_folder_through_the_same_commit(library, tmp_path):
         stop.set()
 
 
-def test_an_add_never_waits_for_the_approaches_and_says_when_an_answer_is_stale(library, tmp_path):
+def _copy_of(photo: Path) -> bytes:
+    """The same picture in other bytes (a new content hash, nearly the same vector)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = BytesIO()
+    Image.open(photo).convert("RGB").save(out, "JPEG", quality=97)
+    return out.getvalue()
+
+
+def test_an_add_is_answered_at_once_and_an_approach_that_must_refit_says_it_is_stale(library, monkeypatch):
+    from similar_finder import service as service_module
     from similar_finder.service import LibraryService
 
+    monkeypatch.setattr(service_module, "refit_after", lambda photos: 10**9)  # updates only: nothing refitted
     service = LibraryService(library)
     old_id = int(library.ids[0])
     assert service.similar(old_id).note is None  # fits the cosine approach on the library as it is
-    [photo] = make_images(tmp_path / "upload", 1, seed=21)
-    added = service.add_photo(photo.read_bytes(), "new.jpg")
-    right_after = service.similar(added["image_id"])  # newer than the approach: asked by its vector
-    assert added["image_id"] not in [r["image_id"] for r in right_after.results]
-    answers = [service.similar(old_id) for _ in range(3)]
-    assert all(a.note is None or "before its last change" in a.note for a in answers)
-    assert _wait_for(lambda: service._approaches["cosine"].library is service.library)
-    fresh = service.similar(old_id)
-    assert fresh.note is None and len(service.library) == 7
+    assert service.similar(old_id, approach="kmeans").note is None
+    added = service.add_photo(_copy_of(library.root / library.paths[0]), "copy.jpg")
+    # The cosine index took the new photo at once: it is the nearest photo of the one it copies.
+    cosine = service._approaches["cosine"]
+    assert cosine.library is service.library and cosine.model_changes() == 1 and not service._refitting
+    first = service.similar(old_id)
+    assert first.note is None and first.results[0]["image_id"] == added["image_id"]
+    assert service.similar(added["image_id"]).results[0]["image_id"] == old_id
+    removed = service.library.ids[1]
+    service._swap(remove_photos(service.library, [int(removed)]))
+    assert int(removed) not in [r["image_id"] for r in service.similar(old_id, n=10).results]
+    # K-Means is refitted, not updated: until then its answers say which library they come from.
+    stale = service.similar(old_id, approach="kmeans")
+    assert stale.note is not None and "before its last change" in stale.note
+    assert _wait_for(lambda: service._approaches["kmeans"].library is service.library)
+    assert service.similar(old_id, approach="kmeans").note is None
+
+
+@pytest.mark.parametrize("index", ["brute", "ivf"])
+def test_an_updated_recommender_answers_as_one_fitted_on_the_changed_library(library, tmp_path, index):
+    from similar_finder.recommender import Recommender
+
+    fitted = Recommender(center=False, index=index, gate=np.inf).fit(library)
+    make_images(tmp_path / "photos" / "c", 3, seed=41)
+    grown = add_photos(library, [f"c/img000{i}.jpg" for i in range(3)])
+    changed = remove_photos(grown, [int(grown.ids[2])])
+    (tmp_path / "photos" / "a" / "img0000.jpg").write_bytes(_copy_of(tmp_path / "photos" / "b" / "img0000.jpg"))
+    from similar_finder.features import update_photos
+
+    changed = update_photos(changed, ["a/img0000.jpg"])  # content replaced in place: same id, new vector
+    updated = fitted.updated(grown).updated(changed)  # twice: changes add up on the one fitted index
+    refitted = Recommender(center=False, index=index, gate=np.inf).fit(changed)
+    assert updated.neighbors_.changes == 3 + 1 + 2  # 3 added, 1 removed, 1 replaced (out and in)
+    for rows in (None, [0, len(changed) - 1]):
+        d_up, i_up = updated.kneighbors(None, 4, rows=rows)
+        d_re, i_re = refitted.kneighbors(None, 4, rows=rows)
+        np.testing.assert_array_equal(i_up, i_re)
+        np.testing.assert_allclose(d_up, d_re, atol=1e-5)
+    queries = changed.matrix[:3] + 0.01
+    np.testing.assert_array_equal(updated.kneighbors(queries, 5)[1], refitted.kneighbors(queries, 5)[1])
+    answer = updated.recommend(tmp_path / "photos" / "c" / "img0001.jpg", 3, threshold=2.0)
+    assert list(answer["image_id"]) == list(refitted.recommend(tmp_path / "photos" / "c" / "img0001.jpg", 3,
+                                                               threshold=2.0)["image_id"])
 
 
 def test_a_touched_csv_is_not_taken_for_an_edit_when_ids_and_paths_differ_in_order(library, tmp_path, caplog):
