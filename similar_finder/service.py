@@ -59,6 +59,12 @@ APPROACHES = {
 FOLLOW_CHANGES = ("cosine",)
 
 
+def _behind(held: Library, current: Library) -> bool:
+    """Whether ``held`` is an earlier committed state than ``current`` (a swap installs an approach updated to
+    the new state a moment before the new state itself: that one is not behind)."""
+    return held is not current and held.meta.get("generation", 0) < current.meta.get("generation", 0)
+
+
 def refit_after(photos: int) -> int:
     """Changes an updated approach takes before it is refitted (its calibration and centring renewed)."""
     return max(1, photos // 20)  # a small library is refitted in a moment, and its calibration moves most
@@ -263,14 +269,14 @@ class LibraryService:
         total, rows = self.catalog.images(**query)
         return {"total": total, "offset": query.get("offset", 0), "images": rows}
 
-    def photo(self, image_id) -> dict:
+    def photo(self, image_id, library: Library | None = None) -> dict:
         """The catalog row of ``image_id``; :class:`NotFound` for anything that is not a library photo's id."""
         text = str(image_id)
         # Only the plain spelling names a photo: int() would also take "+1", " 1", "1_0", "٣" (aliases of others).
         canonical = text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and (text == "0" or text[0] != "0")
         if isinstance(image_id, bool) or not canonical:
             raise NotFound(f"no photo {image_id!r} in this library (an image_id is a whole number: 0, 1, 2, ...)")
-        library = self.library  # one snapshot for the whole answer, whatever an add swaps in meanwhile
+        library = library or self.library  # one snapshot for the whole answer, whatever an add swaps in meanwhile
         row = library.row_of_id.get(int(text))
         if row is None:
             raise NotFound(f"no photo {image_id!r} in this library")
@@ -302,7 +308,7 @@ class LibraryService:
         held, library = self._approaches.get(name), self.library
         if held is None:
             return self._once(self._approaches, name, lambda: self._fitted(name, library))
-        if held.library is not library or held.model_changes() >= refit_after(len(library)):
+        if _behind(held.library, library) or held.model_changes() >= refit_after(len(library)):
             with self._refit_lock:
                 if name not in self._refitting:
                     self._refitting.add(name)
@@ -392,34 +398,35 @@ class LibraryService:
 
     def similar(self, image_id, n: int = 5, approach: str = "cosine") -> Answer:
         """The photos most similar to a library photo (never itself)."""
-        photo = self.photo(image_id)
+        current = self.library  # the state this answer is about: an add committed meanwhile comes after it
+        photo = self.photo(image_id, current)
         batcher = self._batcher(approach)
         row = batcher.library.row_of_id.get(photo["image_id"])
         if row is None:  # added after the approach was fitted: asked by its vector, as a new photo would be
-            current = self.library
             vector = current.vectors(batcher.model.kind)[current.row_of_id[photo["image_id"]]]
-            answer = self._answer(approach, batcher, *batcher(n, vector=vector))
+            answer = self._answer(approach, batcher, current, *batcher(n, vector=vector))
         else:
             row = row if batcher.model_row is None else batcher.model_row.get(row)
             if row is None:
                 raise NotFound(f"photo {image_id} ({photo['path']}) has no {APPROACHES[approach]}: "
                                f"{batcher.left_out.get(photo['path'], 'it cannot be read')}; run the extraction again")
-            answer = self._answer(approach, batcher, *batcher(n, row=row))
+            answer = self._answer(approach, batcher, current, *batcher(n, row=row))
         answer.query = {k: photo[k] for k in ("image_id", "path", "folder", "width", "height")}
         return answer
 
     def search(self, data: bytes, n: int = 5, approach: str = "cosine", *, filename: str = "upload") -> Answer:
         """The library photos most similar to an uploaded photo, which is not kept."""
         data, pixels = self.check_upload(data, filename)
+        current = self.library
         batcher = self._batcher(approach)  # fitting an approach is no decoding: it holds no slot
         with self.decoding(filename, pixels):
             vector = self._describe(data, batcher.model.kind, filename)
-        return self._answer(approach, batcher, *batcher(n, vector=vector))
+        return self._answer(approach, batcher, current, *batcher(n, vector=vector))
 
-    def _answer(self, name, batcher: _Batcher, distances, indices, gates) -> Answer:
+    def _answer(self, name, batcher: _Batcher, current: Library, distances, indices, gates) -> Answer:
         model = batcher.model
         frame = model.answer(distances[0], indices[0], None if gates is None else gates[0])
-        current, root = self.library, self.library.root
+        root = current.root
         results, gone = [], dict(batcher.left_out)
         for rec in frame.to_dict("records"):
             if not (root / rec["path"]).is_file():  # deleted since the extraction: it drops out, said in the note
@@ -432,7 +439,7 @@ class LibraryService:
                             **({"cluster": int(rec["cluster"])} if "cluster" in rec else {})})
         refused = bool(gates is not None and not model.calibration_.admits(gates[0]))  # why it is empty
         note = _left_out_note(gone)
-        if batcher.library is not current:  # said, not waited for: the add that changed it returned at once
+        if _behind(batcher.library, current):  # said, not waited for: the add that changed it returned at once
             behind = abs(len(current) - len(batcher.library))
             stale = (f"answered from the library as it was before its last change ({behind} photos apart); the "
                      f"change joins the answers in a few seconds")
