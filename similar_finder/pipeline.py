@@ -32,8 +32,8 @@ from .features import extract_features
 from .kinds import get_kind
 from .library import Library
 from .neighbors import sample_rows
-from .plots import (distance_histogram, recommendation_grid, save_figure, save_grid, silhouette_curve,
-                    threshold_tradeoff, tsne_map)
+from .plots import (distance_histogram, draw_grid_chunk, save_figure, silhouette_curve, threshold_tradeoff,
+                    tsne_map)
 from .recommender import Recommender
 from .reduce import tsne_embedding, umap_embedding
 from .report import Report
@@ -74,42 +74,42 @@ def _grid_name(path: str) -> str:
     return path.replace("/", "__").rsplit(".", 1)[0] + GRID_SUFFIX
 
 
-def _draw_grids(tasks) -> int:
-    """Draw a chunk of photos' grids in one worker (its thumbnail cache serves the whole chunk)."""
-    for query, results, titles, root, query_label, folder, name in tasks:
-        for approach, frame in results.items():
-            save_grid(recommendation_grid(query, frame, root, title=titles[approach], query_label=query_label,
-                                          classes=query_label is not None), folder / approach / name)
-    return len(tasks)
-
-
 def draw_grids(library: Library, approaches: dict, rows, folder: Path, *, n_sample: int = 5, labels=None,
                progress: bool = True) -> int:
     """A grid per photo of ``rows`` and approach (``{name: fitted approach}``, one of them ``"kmeans"``), into
     ``folder/<name>/``; returns how many photos the first approach answered "No similar images found"."""
+    rows = np.asarray(rows, int)
     titles = {name: f"{approach.kind_.upper()} nearest neighbours, {approach.metric_} (thresholded)"
               for name, approach in approaches.items() if name != "kmeans"}
-    answers = {name: approach.search(None, n_sample, rows=rows) for name, approach in approaches.items()}
-    tasks, empty = [], 0
+    clusters = approaches["kmeans"].labels_
+    root, paths = library.root, library.paths
+    answers = {}
+    for name, approach in approaches.items():
+        distances, indices, gates = approach.search(None, n_sample, rows=rows)
+        # All queries' answers in one call of the rule that decides them (a DataFrame per answer cost more
+        # than drawing it).
+        answers[name] = distances, indices, approach.calibration_.keep(distances, indices, gates)
+    first = next(iter(approaches))
+    empty = int((~answers[first][2].any(axis=1)).sum())
+    tasks = []
     for position, row in enumerate(rows):
-        results = {}
-        for name, approach in approaches.items():
-            distances, indices, gates = answers[name]
-            results[name] = approach.answer(distances[position], indices[position],
-                                            None if gates is None else gates[position])
-        empty += results[next(iter(approaches))].empty
-        cluster = approaches["kmeans"].labels_[row]
-        tasks.append((library.root / library.paths[row], results,
-                      {**titles, "kmeans": f"K-Means baseline, cluster {cluster}"}, library.root,
-                      None if labels is None else labels[row], folder, _grid_name(library.paths[row])))
-    # One process per core, each drawing chunks of photos (fewer hand-overs, more thumbnail cache hits).
+        grids = []
+        for name, (distances, indices, kept) in answers.items():
+            results = [(root / paths[i], float(d), None if labels is None else labels[i])
+                       for d, i in zip(distances[position][kept[position]], indices[position][kept[position]])]
+            title = titles[name] if name != "kmeans" else f"K-Means baseline, cluster {clusters[row]}"
+            grids.append((title, results, folder / name / _grid_name(paths[row])))
+        tasks.append((root / paths[row], None if labels is None else labels[row], grids))
+    # Photos of one cluster share most of their results: drawn together, their thumbnails are decoded once
+    # per worker. One process per core, each drawing chunks of photos (fewer hand-overs).
+    tasks = [tasks[i] for i in np.argsort(clusters[rows], kind="stable")]
     chunks = [tasks[i:i + GRID_CHUNK] for i in range(0, len(tasks), GRID_CHUNK)]
     drawn = Parallel(n_jobs=-1 if len(tasks) > GRID_CHUNK else 1,
-                     return_as="generator_unordered")(delayed(_draw_grids)(chunk) for chunk in chunks)
+                     return_as="generator_unordered")(delayed(draw_grid_chunk)(chunk) for chunk in chunks)
     with tqdm(total=len(tasks), desc="grids", unit="img", disable=not progress) as bar:
         for count in drawn:
             bar.update(count)
-    return int(empty)
+    return empty
 
 
 def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample: int = 5,
