@@ -93,8 +93,6 @@ def tune_k(features: np.ndarray, k_range=DEFAULT_K_RANGE, *, normalize: bool = T
     vectors Euclidean K-Means groups by cosine similarity, the same geometry
     the cosine recommender uses. Each k's score is logged (INFO).
     """
-    from sklearn.metrics import silhouette_score
-
     features = np.asarray(features, np.float32)
     n = len(features)
     ks = list(k_range)
@@ -102,18 +100,30 @@ def tune_k(features: np.ndarray, k_range=DEFAULT_K_RANGE, *, normalize: bool = T
         raise UsageError(f"k_range must hold values of 2 or more, got {ks}")
     if max(ks) >= n:
         raise UsageError(f"k_range goes up to {max(ks)} but there are only {n} images: k must be below {n}")
-    rows = []
+    table, best, _ = _tune(features, ks, normalize, random_state)
+    return table, best
+
+
+def _tune(features: np.ndarray, ks, normalize: bool, random_state: int):
+    """:func:`tune_k`'s table and best k, and the best k's ``fit_kmeans`` result (so it is not fitted twice)."""
+    from sklearn.metrics import silhouette_score
+
+    n = len(features)
+    rows, fitted = [], {}
     # The silhouette is quadratic in the photos: above SILHOUETTE_SAMPLE it is estimated on a sample.
     sample = np.sort(np.random.default_rng(random_state).choice(n, min(n, SILHOUETTE_SAMPLE), replace=False))
     x_sample = l2_normalize(features[sample]) if normalize else features[sample]
     for k in ks:
-        _, labels, inertia = fit_kmeans(k, features, normalize=normalize, random_state=random_state)
+        fitted[k] = fit_kmeans(k, features, normalize=normalize, random_state=random_state)
+        labels, inertia = fitted[k][1], fitted[k][2]
         score = silhouette_score(x_sample, labels[sample]) if len(set(labels[sample])) > 1 else -1.0
         rows.append((k, float(score), inertia))
         log.info("For n_clusters = %d, the average silhouette score is %.4f", k, score)
+        best = max(rows, key=lambda row: row[1])[0]
+        fitted = {best: fitted[best]}  # only the best so far is kept: a model of 100k labels is not small
     table = pd.DataFrame(rows, columns=["k", "silhouette", "inertia"])
     best = int(table.loc[table["silhouette"].idxmax(), "k"])
-    return table, best
+    return table, best, fitted[best]
 
 
 class KMeansBaseline(BaseEstimator):
@@ -140,14 +150,14 @@ class KMeansBaseline(BaseEstimator):
         features = np.asarray(X, np.float32)
         started = time.perf_counter()
         if self.k is None:
-            self.tuning_, self.k_ = tune_k(features, clip_k_range(self.k_range, len(features)),
-                                           normalize=self.normalize, random_state=self.random_state)
+            ks = list(clip_k_range(self.k_range, len(features)))
+            self.tuning_, self.k_, fitted = _tune(features, ks, self.normalize, self.random_state)
         else:
             if not 2 <= self.k < len(features):
                 raise UsageError(f"k must be between 2 and {len(features) - 1} for {len(features)} images")
             self.tuning_, self.k_ = None, int(self.k)
-        self.model_, self.labels_, _ = fit_kmeans(self.k_, features, normalize=self.normalize,
-                                                  random_state=self.random_state)
+            fitted = fit_kmeans(self.k_, features, normalize=self.normalize, random_state=self.random_state)
+        self.model_, self.labels_, _ = fitted
         self.dim_ = features.shape[1]
         self.metadata_ = self._metadata(meta, time.perf_counter() - started)
         return self
