@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 
 from ._io import DATA_DIR, DEFAULT_K_RANGE, OUTPUT_DIR, atomic_write, read_json, write_csv, write_json
 from .adapt.pipeline import compare_adapted, fine_tuning_inputs
@@ -36,6 +37,7 @@ from .thresholds import Calibration, calibrate_threshold
 
 log = logging.getLogger(__name__)
 MAX_QUERIES = 2_000  # above this many images, scores average over an even sample of queries
+PARALLEL_ROWS_ABOVE = 1_000  # from this many images the nearest-neighbour rows are scored in parallel processes
 CALIBRATION_QUERIES = 1_000  # each held-out class recalibrates the threshold: on a sample, to stay fast
 COMPARED_KINDS = ("pca", "color", "ahash", "dhash", "phash", "pixels")
 
@@ -127,6 +129,15 @@ def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k
             "dims": matrix.shape[1], "query ms": _query_ms(model, matrix, k)}
 
 
+def _row_on_one_thread(name, matrix, metric, labels, k, queries, other_domain) -> dict:
+    # One row per process, each on one thread: two processes keep both cores busy with the single-threaded
+    # parts (rankings, chi2), and on shared cores BLAS's and OpenMP's waiting threads spin (see clustering).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _nearest_neighbour_row(name, matrix, metric, labels, k, queries, other_domain)
+
+
 def comparison_sets(library: Library, kinds=COMPARED_KINDS, other_domain: list[Library] = ()) -> dict:
     """The library's other feature kinds, as ``{row name: (matrix, metric, other-domain matrix or None)}``."""
     library.prepare(kinds)  # every per-photo kind from one decode of each photo
@@ -172,20 +183,30 @@ def evaluate_features(library, labels=None, *, k: int = 5, others: dict | None =
         matrix, backbone = np.asarray(library, np.float32), None
     labels = np.asarray(labels)
     queries = sample_rows(len(matrix), max_queries, even=True)
-    rows = [_nearest_neighbour_row(f"cosine recommender (CNN {backbone})" if backbone else "cosine recommender",
-                                   matrix, "cosine", labels, k, queries, cnn_other)]
     kmeans = kmeans or KMeansBaseline(k_range=clip_k_range(k_range, len(matrix))).fit(matrix)
+    kmeans_rows = []
     for order in ("distance", "file"):
         approach = ClusterRecommender(kmeans, order=order).fit(matrix)
-        rows.append({"method": f"K-Means baseline ({order} order, k={kmeans.k_})",
-                     **retrieval_scores(full_rankings(approach, queries, len(matrix)), labels, k, queries),
-                     # K-Means answers every query with its cluster: it never says "none".
-                     "held-out: no result": 0.0, "in library: answered": 1.0, "library: answered": 1.0,
-                     **({"other-domain: no result": 0.0} if cnn_other is not None else {}),
-                     "dims": matrix.shape[1]})
-    for name, (other, metric, other_domain_vectors, *extra) in sets.items():
-        rows.append({**_nearest_neighbour_row(name, other, metric, labels, k, queries, other_domain_vectors),
-                     **(extra[0] if extra else {})})
+        kmeans_rows.append({"method": f"K-Means baseline ({order} order, k={kmeans.k_})",
+                            **retrieval_scores(full_rankings(approach, queries, len(matrix)), labels, k, queries),
+                            # K-Means answers every query with its cluster: it never says "none".
+                            "held-out: no result": 0.0, "in library: answered": 1.0, "library: answered": 1.0,
+                            **({"other-domain: no result": 0.0} if cnn_other is not None else {}),
+                            "dims": matrix.shape[1]})
+    jobs = [(f"cosine recommender (CNN {backbone})" if backbone else "cosine recommender", matrix, "cosine",
+             cnn_other, {})]
+    jobs += [(name, other, metric, other_domain_vectors, extra[0] if extra else {})
+             for name, (other, metric, other_domain_vectors, *extra) in sets.items()]
+    # The costliest first (chi2 has no matrix product, then by dimensions), so that no process is left with
+    # a long row at the end; the table keeps its order.
+    order = sorted(range(len(jobs)), key=lambda j: (jobs[j][2] != "chi2", -jobs[j][1].shape[1]))
+    workers = min(len(jobs), os.cpu_count() or 1) if len(matrix) >= PARALLEL_ROWS_ABOVE else 1
+    scored = Parallel(n_jobs=workers)(delayed(_row_on_one_thread)(name, vectors, metric, labels, k, queries, odv)
+                                      for name, vectors, metric, odv, _ in (jobs[j] for j in order))
+    nearest = [None] * len(jobs)
+    for j, row in zip(order, scored):
+        nearest[j] = {**row, **jobs[j][4]}
+    rows = [nearest[0], *kmeans_rows, *nearest[1:]]
     return Evaluation(pd.DataFrame(rows), queries=len(queries), images=len(matrix), backbone=backbone)
 
 

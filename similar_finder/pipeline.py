@@ -37,11 +37,10 @@ from .neighbors import sample_rows
 from .plots import (distance_histogram, draw_grid_chunk, save_figure, silhouette_curve, threshold_tradeoff,
                     tsne_map)
 from .recommender import Recommender
-from .reduce import tsne_embedding, umap_embedding
+from .reduce import MAP_MAX, tsne_embedding, umap_embedding
 from .report import Report
 
 log = logging.getLogger(__name__)
-TSNE_MAX = 5_000  # t-SNE above this many images runs on an even sample of them
 REPORT_INLINE_GRIDS = 12  # grids shown in the report; the rest are in rec/
 GRID_CHUNK = 64  # photos whose grids one worker draws at a time
 MAPS = ("tsne", "umap")
@@ -188,7 +187,7 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
     sample = np.arange(0)
     if "maps" in parts:
         with step("maps"):
-            sample = sample_rows(len(library), TSNE_MAX, even=True)
+            sample = sample_rows(len(library), MAP_MAX, even=True)
             matrix = library.matrix[sample]
             colours = {"K-Means cluster": kmeans.labels_[sample]}
             if labels is not None:
