@@ -35,8 +35,9 @@ import json, sys
 from similar_finder.run_all import run_all
 folder, out, maps, limit = sys.argv[1] or None, sys.argv[2], sys.argv[3].split(","), sys.argv[4]
 summary = run_all(folder, out=out, maps=maps, limit=int(limit) if limit else None, progress=False)
-print("RESULT " + json.dumps({"timings": summary.timings, "photos": len(summary.library), "grids": summary.grids,
-                              "backbone": summary.library.meta["backbone"], "embedded": summary.library.stats.embedded}))
+library = summary.library
+print("RESULT " + json.dumps({"timings": summary.timings, "photos": len(library), "grids": summary.grids,
+                              "backbone": library.meta["backbone"], "embedded": library.stats.embedded}))
 """
 
 
@@ -86,7 +87,7 @@ def main() -> int:
     print(f"{'stage':<26}{'seconds':>9}{'photos/s':>10}")
     for stage, seconds in timings.items():
         count = result["grids"] if stage == GRIDS else (result["embedded"] if stage == EXTRACT else photos)
-        rate = f"{count / seconds:10.1f}" if seconds > 0 and count else f"{'':>10}"
+        rate = f"{count / seconds:10.1f}" if seconds >= 0.1 and count else f"{'':>10}"
         print(f"{stage:<26}{seconds:>9.1f}{rate}")
     after = sum(seconds for stage, seconds in timings.items() if stage != EXTRACT)
     extraction = timings.get(EXTRACT, 0.0) if result["embedded"] else args.extraction_seconds
