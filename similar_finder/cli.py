@@ -258,11 +258,15 @@ def _run_all(args) -> None:
     from .pipeline import run_all
 
     maps = [m for m in args.maps.split(",") if m]
+    only = [p for p in args.only.split(",") if p] if args.only is not None else None
     summary = run_all(args.images_dir, out=args.out, n_sample=args.results, limit=args.limit, kind=args.kind,
-                      maps=maps, progress=not args.quiet, **_backbone_kwargs(args))
-    print(f"\nreport: {summary.report} (and report.md)")
-    print(f"grids:  {summary.out / 'rec'}/{summary.approach} and /kmeans ({summary.grids} each)")
-    print(f"plots:  {', '.join(f'{m}.png' for m in maps)}, silhouette.png, distances.png in {summary.out}")
+                      maps=maps, only=only, progress=not args.quiet, **_backbone_kwargs(args))
+    if "report" in summary.parts:
+        print(f"\nreport: {summary.report} (and report.md)")
+    if "grids" in summary.parts:
+        print(f"grids:  {summary.out / 'rec'}/{summary.approach} and /kmeans ({summary.grids} each)")
+    drawn = [f"{m}.png" for m in maps] if "maps" in summary.parts else []
+    print(f"plots:  {', '.join(drawn + ['silhouette.png', 'distances.png'])} in {summary.out}")
 
 
 def _app(args) -> None:
@@ -431,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_option(p)
     _renamed(p, "--n-sample", _results(p, "recommendations per image"))
     p.add_argument("--limit", type=int, default=None, help="draw grids for an even sample of N images")
+    p.add_argument("--only", default=None, metavar="PART[,PART]",
+                   help="make only these of grids, maps, evaluation, report (default: all), e.g. maps,report "
+                        "for a library too large for a grid per photo")
     p.add_argument("--maps", default="tsne", metavar="METHOD[,METHOD]",
                    help="2-D maps to draw: tsne, umap or tsne,umap (default: %(default)s; UMAP compiles its code "
                         "for half a minute in every run)")

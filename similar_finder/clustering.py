@@ -26,13 +26,14 @@ from sklearn.utils.validation import check_is_fitted
 from ._io import DEFAULT_CLUSTERS, DEFAULT_FEATURES, DEFAULT_K_RANGE, DEFAULT_MODEL, atomic_write, write_csv
 from .errors import SimilarFinderError, UsageError, check_choice, check_positive
 from .library import Library, as_library
-from .neighbors import l2_normalize, own_rows
+from .neighbors import BLOCK_ELEMENTS, l2_normalize, own_rows
 from .recommender import Approach
 from .thresholds import Calibration
 
 log = logging.getLogger(__name__)
 SILHOUETTE_SAMPLE = 5_000  # above this many vectors the silhouette is estimated on a sample
 MINIBATCH_ABOVE = 20_000  # above this many vectors MiniBatchKMeans replaces KMeans
+PARALLEL_TUNE_ABOVE = 1_000  # from this many vectors the k of a range are fitted in parallel processes
 CHUNK_ROWS = 65_536  # rows normalised at a time by MiniBatchKMeans' feeding
 MINIBATCH_ROWS = 4_096
 MAX_PASSES = 10
@@ -93,8 +94,6 @@ def tune_k(features: np.ndarray, k_range=DEFAULT_K_RANGE, *, normalize: bool = T
     vectors Euclidean K-Means groups by cosine similarity, the same geometry
     the cosine recommender uses. Each k's score is logged (INFO).
     """
-    from sklearn.metrics import silhouette_score
-
     features = np.asarray(features, np.float32)
     n = len(features)
     ks = list(k_range)
@@ -102,18 +101,44 @@ def tune_k(features: np.ndarray, k_range=DEFAULT_K_RANGE, *, normalize: bool = T
         raise UsageError(f"k_range must hold values of 2 or more, got {ks}")
     if max(ks) >= n:
         raise UsageError(f"k_range goes up to {max(ks)} but there are only {n} images: k must be below {n}")
-    rows = []
-    # The silhouette is quadratic in the photos: above SILHOUETTE_SAMPLE it is estimated on a sample.
+    table, best, _ = _tune(features, ks, normalize, random_state)
+    return table, best
+
+
+def _tune(features: np.ndarray, ks, normalize: bool, random_state: int):
+    """:func:`tune_k`'s table and best k, and the best k's ``fit_kmeans`` result (so it is not fitted twice)."""
+    from joblib import Parallel, delayed
+    from sklearn.metrics import pairwise_distances, silhouette_score
+
+    n = len(features)
+    # The silhouette is quadratic in the photos: above SILHOUETTE_SAMPLE it is estimated on a sample. Its
+    # distances are the same for every k: computed once.
     sample = np.sort(np.random.default_rng(random_state).choice(n, min(n, SILHOUETTE_SAMPLE), replace=False))
-    x_sample = l2_normalize(features[sample]) if normalize else features[sample]
-    for k in ks:
-        _, labels, inertia = fit_kmeans(k, features, normalize=normalize, random_state=random_state)
-        score = silhouette_score(x_sample, labels[sample]) if len(set(labels[sample])) > 1 else -1.0
+    distances = pairwise_distances(l2_normalize(features[sample]) if normalize else features[sample])
+    jobs = min(len(ks), os.cpu_count() or 1) if n >= PARALLEL_TUNE_ABOVE else 1
+    fits = Parallel(n_jobs=jobs, return_as="generator")(
+        delayed(_fit_on_one_thread)(k, features, normalize, random_state) for k in ks)
+    rows, fitted = [], {}
+    for k, result in zip(ks, fits):
+        labels, inertia = result[1], result[2]
+        score = silhouette_score(distances, labels[sample], metric="precomputed") \
+            if len(set(labels[sample])) > 1 else -1.0
         rows.append((k, float(score), inertia))
         log.info("For n_clusters = %d, the average silhouette score is %.4f", k, score)
+        fitted[k] = result
+        fitted = {best: fitted[best] for best in [max(rows, key=lambda row: row[1])[0]]}  # 100k labels: keep one
     table = pd.DataFrame(rows, columns=["k", "silhouette", "inertia"])
     best = int(table.loc[table["silhouette"].idxmax(), "k"])
-    return table, best
+    return table, best, fitted[best]
+
+
+def _fit_on_one_thread(k: int, features: np.ndarray, normalize: bool, random_state: int):
+    # One k per process, each fit on one thread: OpenMP's threads spin while they wait for each other, and
+    # on two cores that other work shares (load 5), one fit on two threads took 21 s against 3.7 s on one.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return fit_kmeans(k, features, normalize=normalize, random_state=random_state)
 
 
 class KMeansBaseline(BaseEstimator):
@@ -140,14 +165,14 @@ class KMeansBaseline(BaseEstimator):
         features = np.asarray(X, np.float32)
         started = time.perf_counter()
         if self.k is None:
-            self.tuning_, self.k_ = tune_k(features, clip_k_range(self.k_range, len(features)),
-                                           normalize=self.normalize, random_state=self.random_state)
+            ks = list(clip_k_range(self.k_range, len(features)))
+            self.tuning_, self.k_, fitted = _tune(features, ks, self.normalize, self.random_state)
         else:
             if not 2 <= self.k < len(features):
                 raise UsageError(f"k must be between 2 and {len(features) - 1} for {len(features)} images")
             self.tuning_, self.k_ = None, int(self.k)
-        self.model_, self.labels_, _ = fit_kmeans(self.k_, features, normalize=self.normalize,
-                                                  random_state=self.random_state)
+            fitted = fit_kmeans(self.k_, features, normalize=self.normalize, random_state=self.random_state)
+        self.model_, self.labels_, _ = fitted
         self.dim_ = features.shape[1]
         self.metadata_ = self._metadata(meta, time.perf_counter() - started)
         return self
@@ -265,15 +290,22 @@ class ClusterRecommender(Approach):
             clusters, rows = self.kmeans_.predict(queries), np.full(len(unit), -1)
         out_d = np.full((len(unit), n_neighbors), np.inf, np.float32)
         out_i = np.full((len(unit), n_neighbors), -1, np.int64)
-        for q, (vector, cluster, own_row) in enumerate(zip(unit, clusters, rows)):
-            members = np.flatnonzero(self.labels_ == cluster)
-            members = members[members != own_row]
-            distance = 1.0 - self.unit_[members] @ vector
-            if self.order == "distance":
-                ranked = np.argsort(distance, kind="stable")
-                members, distance = members[ranked], distance[ranked]
-            out_d[q, :len(members[:n_neighbors])] = distance[:n_neighbors]
-            out_i[q, :len(members[:n_neighbors])] = members[:n_neighbors]
+        # The queries of one cluster at a time, in bounded blocks: one copy of its members and one matrix
+        # product for all of them (copying the members for each query made most of an evaluation's time).
+        for cluster in np.unique(clusters):
+            asking, everyone = np.flatnonzero(clusters == cluster), np.flatnonzero(self.labels_ == cluster)
+            member_unit = self.unit_[everyone]
+            step = max(1, BLOCK_ELEMENTS // max(1, len(everyone)))
+            for start in range(0, len(asking), step):
+                block = asking[start:start + step]
+                for q, own_row, distance in zip(block, rows[block], 1.0 - unit[block] @ member_unit.T):
+                    members = everyone[everyone != own_row]
+                    distance = distance[everyone != own_row]
+                    if self.order == "distance":
+                        ranked = np.argsort(distance, kind="stable")
+                        members, distance = members[ranked], distance[ranked]
+                    out_d[q, :len(members[:n_neighbors])] = distance[:n_neighbors]
+                    out_i[q, :len(members[:n_neighbors])] = members[:n_neighbors]
         return out_d, out_i
 
     def _frame(self, distances: np.ndarray, rows: np.ndarray) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 
 from ._io import DATA_DIR, DEFAULT_K_RANGE, OUTPUT_DIR, atomic_write, read_json, write_csv, write_json
 from .adapt.pipeline import compare_adapted, fine_tuning_inputs
@@ -36,6 +37,7 @@ from .thresholds import Calibration, calibrate_threshold
 
 log = logging.getLogger(__name__)
 MAX_QUERIES = 2_000  # above this many images, scores average over an even sample of queries
+PARALLEL_ROWS_ABOVE = 1_000  # from this many images the nearest-neighbour rows are scored in parallel processes
 CALIBRATION_QUERIES = 1_000  # each held-out class recalibrates the threshold: on a sample, to stay fast
 COMPARED_KINDS = ("pca", "color", "ahash", "dhash", "phash", "pixels")
 
@@ -84,20 +86,31 @@ def threshold_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str = "cos
     against them. ``neighbors`` is a :class:`Neighbors` already fitted on the
     whole ``matrix``, to reuse.
     """
-    no_result = []
-    for held_out in np.unique(labels):
-        inside = labels != held_out
-        if len(np.unique(labels[inside])) < 2:
-            continue
-        remaining = Neighbors(metric, center=True).fit(matrix[inside])
-        calibration = Calibration.from_dict(calibrate_threshold(matrix[inside], labels[inside], neighbors=remaining,
-                                                                max_queries=CALIBRATION_QUERIES))
-        no_result.extend(~_answered(remaining.search(matrix[~inside], 1), calibration))
+    no_result = np.concatenate([_held_out_no_result(matrix, labels, metric, held_out)
+                                for held_out in np.unique(labels)])
+    return {"held-out: no result": float(np.mean(no_result)),
+            **_present_honesty(matrix, labels, metric, queries=queries, neighbors=neighbors)}
+
+
+def _held_out_no_result(matrix: np.ndarray, labels: np.ndarray, metric: str, held_out) -> np.ndarray:
+    """Which photos of class ``held_out`` are told "No similar images found" by a library of the other classes,
+    calibrated (with labels) without them; empty when fewer than two classes would remain."""
+    inside = labels != held_out
+    if len(np.unique(labels[inside])) < 2:
+        return np.zeros(0, bool)
+    remaining = Neighbors(metric, center=True).fit(matrix[inside])
+    calibration = Calibration.from_dict(calibrate_threshold(matrix[inside], labels[inside], neighbors=remaining,
+                                                            max_queries=CALIBRATION_QUERIES))
+    return ~_answered(remaining.search(matrix[~inside], 1), calibration)
+
+
+def _present_honesty(matrix: np.ndarray, labels: np.ndarray, metric: str, *, queries=None,
+                     neighbors: Neighbors | None = None) -> dict:
+    """:func:`threshold_honesty`'s share of library photos answered with the labelled calibration, and its threshold."""
     neighbors = neighbors or Neighbors(metric, center=True).fit(matrix)
     calibration = Calibration.from_dict(calibrate_threshold(matrix, labels, neighbors=neighbors))
     queries = np.arange(len(matrix)) if queries is None else np.asarray(queries)
-    return {"held-out: no result": float(np.mean(no_result)),
-            "in library: answered": float(np.mean(_answered(neighbors.search(None, 1, rows=queries), calibration))),
+    return {"in library: answered": float(np.mean(_answered(neighbors.search(None, 1, rows=queries), calibration))),
             "threshold": calibration.threshold}
 
 
@@ -119,12 +132,26 @@ def default_rule_honesty(matrix: np.ndarray, metric: str, queries, other_domain:
 
 
 def _nearest_neighbour_row(name: str, matrix: np.ndarray, metric: str, labels, k: int, queries,
-                           other_domain: np.ndarray | None = None) -> dict:
+                           other_domain: np.ndarray | None = None, held_out=None) -> dict:
+    """A nearest-neighbour row of the table; ``held_out``: its :func:`_held_out_no_result` arrays, when they were
+    computed elsewhere (in parallel)."""
     model = Recommender(metric, threshold=np.inf, gate=np.inf).fit(matrix)  # one library copy for every measure
+    if held_out is None:
+        held_out = [_held_out_no_result(matrix, labels, metric, c) for c in np.unique(labels)]
     return {"method": name, **retrieval_scores(full_rankings(model, queries, len(matrix)), labels, k, queries),
-            **threshold_honesty(matrix, labels, metric, queries=queries, neighbors=model.neighbors_),
+            "held-out: no result": float(np.mean(np.concatenate(held_out))),
+            **_present_honesty(matrix, labels, metric, queries=queries, neighbors=model.neighbors_),
             **default_rule_honesty(matrix, metric, queries, other_domain, model.neighbors_),
             "dims": matrix.shape[1], "query ms": _query_ms(model, matrix, k)}
+
+
+def _on_one_thread(function, *args):
+    # Each piece in a process on one thread: two processes keep both cores busy with the single-threaded parts
+    # (rankings, chi2), and on shared cores BLAS's and OpenMP's waiting threads spin (see clustering).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return function(*args)
 
 
 def comparison_sets(library: Library, kinds=COMPARED_KINDS, other_domain: list[Library] = ()) -> dict:
@@ -172,20 +199,37 @@ def evaluate_features(library, labels=None, *, k: int = 5, others: dict | None =
         matrix, backbone = np.asarray(library, np.float32), None
     labels = np.asarray(labels)
     queries = sample_rows(len(matrix), max_queries, even=True)
-    rows = [_nearest_neighbour_row(f"cosine recommender (CNN {backbone})" if backbone else "cosine recommender",
-                                   matrix, "cosine", labels, k, queries, cnn_other)]
     kmeans = kmeans or KMeansBaseline(k_range=clip_k_range(k_range, len(matrix))).fit(matrix)
+    kmeans_rows = []
     for order in ("distance", "file"):
         approach = ClusterRecommender(kmeans, order=order).fit(matrix)
-        rows.append({"method": f"K-Means baseline ({order} order, k={kmeans.k_})",
-                     **retrieval_scores(full_rankings(approach, queries, len(matrix)), labels, k, queries),
-                     # K-Means answers every query with its cluster: it never says "none".
-                     "held-out: no result": 0.0, "in library: answered": 1.0, "library: answered": 1.0,
-                     **({"other-domain: no result": 0.0} if cnn_other is not None else {}),
-                     "dims": matrix.shape[1]})
-    for name, (other, metric, other_domain_vectors, *extra) in sets.items():
-        rows.append({**_nearest_neighbour_row(name, other, metric, labels, k, queries, other_domain_vectors),
-                     **(extra[0] if extra else {})})
+        kmeans_rows.append({"method": f"K-Means baseline ({order} order, k={kmeans.k_})",
+                            **retrieval_scores(full_rankings(approach, queries, len(matrix)), labels, k, queries),
+                            # K-Means answers every query with its cluster: it never says "none".
+                            "held-out: no result": 0.0, "in library: answered": 1.0, "library: answered": 1.0,
+                            **({"other-domain: no result": 0.0} if cnn_other is not None else {}),
+                            "dims": matrix.shape[1]})
+    jobs = [(f"cosine recommender (CNN {backbone})" if backbone else "cosine recommender", matrix, "cosine",
+             cnn_other, {})]
+    jobs += [(name, other, metric, other_domain_vectors, extra[0] if extra else {})
+             for name, (other, metric, other_domain_vectors, *extra) in sets.items()]
+    # Each row's held-out classes (one recalibration each, most of a row's time) are pieces of their own,
+    # scored in parallel with the rest of the rows; the costliest rows first (chi2 has no matrix product,
+    # then by dimensions), so that no process is left with a long piece at the end.
+    order = sorted(range(len(jobs)), key=lambda j: (jobs[j][2] != "chi2", -jobs[j][1].shape[1]))
+    classes = np.unique(labels)
+    pieces = [(j, c) for j in order for c in classes]
+    workers = min(len(pieces), os.cpu_count() or 1) if len(matrix) >= PARALLEL_ROWS_ABOVE else 1
+    held = Parallel(n_jobs=workers)(delayed(_on_one_thread)(_held_out_no_result, jobs[j][1], labels, jobs[j][2], c)
+                                    for j, c in pieces)
+    held_of = {j: [h for (row, _), h in zip(pieces, held) if row == j] for j in order}
+    scored = Parallel(n_jobs=workers)(delayed(_on_one_thread)(_nearest_neighbour_row, name, vectors, metric, labels,
+                                                              k, queries, odv, held_of[j])
+                                      for j, (name, vectors, metric, odv, _) in ((j, jobs[j]) for j in order))
+    nearest = [None] * len(jobs)
+    for j, row in zip(order, scored):
+        nearest[j] = {**row, **jobs[j][4]}
+    rows = [nearest[0], *kmeans_rows, *nearest[1:]]
     return Evaluation(pd.DataFrame(rows), queries=len(queries), images=len(matrix), backbone=backbone)
 
 

@@ -1,12 +1,14 @@
 """The whole pipeline: one call from a folder of photos to pictures a person can look at.
 
-    similar-finder run-all [IMAGES_DIR] [--out output/<folder>] [-n 5] [--limit N] [--kind cnn]
+    similar-finder run-all [IMAGES_DIR] [--out output/<folder>] [-n 5] [--limit N] [--only PART,...] [--kind cnn]
 
 extract features (incremental) → tune and fit the K-Means baseline → calibrate
 the threshold → a recommendation grid per image for both approaches
-(``rec/<approach>/`` and ``rec/kmeans/``) → t-SNE and UMAP maps, silhouette
-curve, distance histogram → evaluation table (when the folder has class
-subfolders) → ``report.md`` and ``report.html``. With no folder it runs on the
+(``rec/<approach>/`` and ``rec/kmeans/``) → t-SNE (and on request UMAP) map,
+silhouette curve, distance histogram → evaluation table (when the folder has
+class subfolders) → ``report.md`` and ``report.html``. ``only`` makes some of
+the parts after the threshold (:data:`PARTS`) and not the others; ``limit``
+draws grids for an even sample of the photos. With no folder it runs on the
 embedded demo library. ``run_all(...)`` does the same from Python and returns a
 :class:`RunSummary`.
 """
@@ -32,17 +34,18 @@ from .features import extract_features
 from .kinds import get_kind
 from .library import Library
 from .neighbors import sample_rows
-from .plots import (distance_histogram, recommendation_grid, save_figure, save_grid, silhouette_curve,
-                    threshold_tradeoff, tsne_map)
+from .plots import (distance_histogram, draw_grid_chunk, save_figure, silhouette_curve, threshold_tradeoff,
+                    tsne_map)
 from .recommender import Recommender
-from .reduce import tsne_embedding, umap_embedding
+from .reduce import MAP_MAX, tsne_embedding, umap_embedding
 from .report import Report
 
 log = logging.getLogger(__name__)
-TSNE_MAX = 5_000  # t-SNE above this many images runs on an even sample of them
 REPORT_INLINE_GRIDS = 12  # grids shown in the report; the rest are in rec/
 GRID_CHUNK = 64  # photos whose grids one worker draws at a time
 MAPS = ("tsne", "umap")
+# What a run can make after the features, both approaches and the threshold, which every part needs.
+PARTS = ("grids", "maps", "evaluation", "report")
 DEFAULT_MAPS = ("tsne",)
 GRID_SUFFIX = ".jpg"  # grids are photos: JPEG writes them in 2 ms, PNG in 50-90 ms
 
@@ -58,12 +61,14 @@ class RunSummary:
     threshold: dict
     kind: str
     approach: str
-    grids: int
+    grids: int  # photos with a grid per approach, drawn in this run
     no_result_queries: int
     tsne_images: int
     evaluation: Evaluation | None
     skipped: pd.DataFrame
     timings: dict[str, float] = field(default_factory=dict)
+    parts: tuple[str, ...] = PARTS  # what this run made (``only``)
+    grid_files: list[str] = field(default_factory=list)  # the grids' file names in rec/<approach>/, this run's
 
     @property
     def report(self) -> Path:
@@ -74,46 +79,46 @@ def _grid_name(path: str) -> str:
     return path.replace("/", "__").rsplit(".", 1)[0] + GRID_SUFFIX
 
 
-def _draw_grids(tasks) -> int:
-    """Draw a chunk of photos' grids in one worker (its thumbnail cache serves the whole chunk)."""
-    for query, results, titles, root, query_label, folder, name in tasks:
-        for approach, frame in results.items():
-            save_grid(recommendation_grid(query, frame, root, title=titles[approach], query_label=query_label,
-                                          classes=query_label is not None), folder / approach / name)
-    return len(tasks)
-
-
 def draw_grids(library: Library, approaches: dict, rows, folder: Path, *, n_sample: int = 5, labels=None,
                progress: bool = True) -> int:
     """A grid per photo of ``rows`` and approach (``{name: fitted approach}``, one of them ``"kmeans"``), into
     ``folder/<name>/``; returns how many photos the first approach answered "No similar images found"."""
+    rows = np.asarray(rows, int)
     titles = {name: f"{approach.kind_.upper()} nearest neighbours, {approach.metric_} (thresholded)"
               for name, approach in approaches.items() if name != "kmeans"}
-    answers = {name: approach.search(None, n_sample, rows=rows) for name, approach in approaches.items()}
-    tasks, empty = [], 0
+    clusters = approaches["kmeans"].labels_
+    root, paths = library.root, library.paths
+    answers = {}
+    for name, approach in approaches.items():
+        distances, indices, gates = approach.search(None, n_sample, rows=rows)
+        # All queries' answers in one call of the rule that decides them (a DataFrame per answer cost more
+        # than drawing it).
+        answers[name] = distances, indices, approach.calibration_.keep(distances, indices, gates)
+    first = next(iter(approaches))
+    empty = int((~answers[first][2].any(axis=1)).sum())
+    tasks = []
     for position, row in enumerate(rows):
-        results = {}
-        for name, approach in approaches.items():
-            distances, indices, gates = answers[name]
-            results[name] = approach.answer(distances[position], indices[position],
-                                            None if gates is None else gates[position])
-        empty += results[next(iter(approaches))].empty
-        cluster = approaches["kmeans"].labels_[row]
-        tasks.append((library.root / library.paths[row], results,
-                      {**titles, "kmeans": f"K-Means baseline, cluster {cluster}"}, library.root,
-                      None if labels is None else labels[row], folder, _grid_name(library.paths[row])))
-    # One process per core, each drawing chunks of photos (fewer hand-overs, more thumbnail cache hits).
+        grids = []
+        for name, (distances, indices, kept) in answers.items():
+            results = [(root / paths[i], float(d), None if labels is None else labels[i])
+                       for d, i in zip(distances[position][kept[position]], indices[position][kept[position]])]
+            title = titles[name] if name != "kmeans" else f"K-Means baseline, cluster {clusters[row]}"
+            grids.append((title, results, folder / name / _grid_name(paths[row])))
+        tasks.append((root / paths[row], None if labels is None else labels[row], grids))
+    # Photos of one cluster share most of their results: drawn together, their thumbnails are decoded once
+    # per worker. One process per core, each drawing chunks of photos (fewer hand-overs).
+    tasks = [tasks[i] for i in np.argsort(clusters[rows], kind="stable")]
     chunks = [tasks[i:i + GRID_CHUNK] for i in range(0, len(tasks), GRID_CHUNK)]
     drawn = Parallel(n_jobs=-1 if len(tasks) > GRID_CHUNK else 1,
-                     return_as="generator_unordered")(delayed(_draw_grids)(chunk) for chunk in chunks)
+                     return_as="generator_unordered")(delayed(draw_grid_chunk)(chunk) for chunk in chunks)
     with tqdm(total=len(tasks), desc="grids", unit="img", disable=not progress) as bar:
         for count in drawn:
             bar.update(count)
-    return int(empty)
+    return empty
 
 
 def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample: int = 5,
-            limit: int | None = None, kind: str = "cnn", maps=DEFAULT_MAPS, progress: bool = True,
+            limit: int | None = None, kind: str = "cnn", maps=DEFAULT_MAPS, only=None, progress: bool = True,
             **extract_kwargs) -> RunSummary:
     """Run the whole pipeline on ``images_dir`` and write everything under ``out``.
 
@@ -122,10 +127,18 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
     ``"pca"``, ...); the K-Means baseline always uses CNN features. ``maps``:
     which 2-D maps to draw, ``"tsne"`` (default) and/or ``"umap"`` (its numba
     code compiles for 25-45 s in every new process, most of it uncacheable:
-    so only when asked for).
+    so only when asked for). ``only``: some of :data:`PARTS` (a name or
+    several), e.g. ``("maps", "report")`` for a library too large for a grid
+    per photo; default all. ``limit``: grids for an even sample of that many photos.
     """
     check_positive("n_sample", n_sample)
+    if limit is not None:
+        check_positive("limit", limit)
     maps = [check_choice("map", m, MAPS) for m in ([maps] if isinstance(maps, str) else maps)]
+    parts = PARTS if only is None else tuple(check_choice("part", p, PARTS)
+                                             for p in ([only] if isinstance(only, str) else only))
+    if not parts:
+        raise UsageError(f"only must name at least one of {', '.join(PARTS)}")
     get_kind(kind)  # a clear error before any work
     images_dir = Path(images_dir) if images_dir is not None else ensure_demo_library()
     if not images_dir.is_dir():
@@ -163,27 +176,30 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
             save_figure(threshold_tradeoff(calibration["curve"], calibration["value"], youden=calibration["youden"]),
                         out / "threshold.png")
 
-    with step("recommendation grids"):
-        approaches = {"cosine" if kind == "cnn" else kind: recommender,
-                      "kmeans": ClusterRecommender(kmeans).fit(library)}
-        chosen = sample_rows(len(library), limit, even=True)
-        empty = draw_grids(library, approaches, chosen, out / "rec", n_sample=n_sample, labels=labels,
-                           progress=progress)
+    approaches = {"cosine" if kind == "cnn" else kind: recommender, "kmeans": ClusterRecommender(kmeans).fit(library)}
+    chosen, empty = np.arange(0), 0
+    if "grids" in parts:
+        with step("recommendation grids"):
+            chosen = sample_rows(len(library), limit, even=True)
+            empty = draw_grids(library, approaches, chosen, out / "rec", n_sample=n_sample, labels=labels,
+                               progress=progress)
 
-    with step("maps"):
-        sample = sample_rows(len(library), TSNE_MAX, even=True)
-        matrix = library.matrix[sample]
-        colours = {"K-Means cluster": kmeans.labels_[sample]}
-        if labels is not None:
-            colours["class"] = labels[sample]
-        if "tsne" in maps:
-            save_figure(tsne_map(tsne_embedding(matrix), colours, paths=[library.paths[i] for i in sample],
-                                 images_root=library.root, thumbnails=min(40, len(sample))), out / "tsne.png")
-        if "umap" in maps:
-            save_figure(tsne_map(umap_embedding(matrix), colours, method="UMAP"), out / "umap.png")
+    sample = np.arange(0)
+    if "maps" in parts:
+        with step("maps"):
+            sample = sample_rows(len(library), MAP_MAX, even=True)
+            matrix = library.matrix[sample]
+            colours = {"K-Means cluster": kmeans.labels_[sample]}
+            if labels is not None:
+                colours["class"] = labels[sample]
+            if "tsne" in maps:
+                save_figure(tsne_map(tsne_embedding(matrix), colours, paths=[library.paths[i] for i in sample],
+                                     images_root=library.root, thumbnails=min(40, len(sample))), out / "tsne.png")
+            if "umap" in maps:
+                save_figure(tsne_map(umap_embedding(matrix), colours, method="UMAP"), out / "umap.png")
 
     evaluation = None
-    if labels is not None:
+    if labels is not None and "evaluation" in parts:
         with step("evaluate"):
             evaluation = evaluate_features(library, k=n_sample, kmeans=kmeans)
             evaluation.save(out / "evaluation")
@@ -191,9 +207,12 @@ def run_all(images_dir=None, *, out=None, backbone: str | None = None, n_sample:
     skipped = pd.read_csv(library.files.skipped)
     summary = RunSummary(images_dir=images_dir, out=out, library=library, kmeans=kmeans, threshold=calibration,
                          kind=kind, approach=next(iter(approaches)), grids=len(chosen), no_result_queries=int(empty),
-                         tsne_images=len(sample), evaluation=evaluation, skipped=skipped, timings=timings)
-    build_report(summary).save(out)
-    log.info("done: report at %s, grids in %s, plots in %s", out / "report.html", out / "rec", out)
+                         tsne_images=len(sample), evaluation=evaluation, skipped=skipped, timings=timings,
+                         parts=parts, grid_files=[_grid_name(library.paths[row]) for row in chosen])
+    if "report" in parts:
+        with step("report"):
+            build_report(summary).save(out)
+    log.info("done: %s in %s", ", ".join(parts), out)
     return summary
 
 
@@ -208,11 +227,12 @@ def build_report(s: RunSummary) -> Report:
         f"{library.meta['dim']}-d features)",
         f"K-Means baseline: chosen k = {s.kmeans.k_} by silhouette score",
         f"nearest-neighbour recommender: {s.kind} features, {t['metric']} distance, threshold "
-        f"{t['value']:.3f} ({t['method']}), gate {t['gate']:.3f}; {s.no_result_queries} of {s.grids} queries "
-        f"got \"No similar images found\"",
-        f"recommendation grids: {s.grids} per approach in rec/{s.approach}/ and rec/kmeans/",
-        f"t-SNE: {s.tsne_images} images" + (f" (an even sample of {len(library)})"
-                                            if s.tsne_images < len(library) else ""),
+        f"{t['value']:.3f} ({t['method']}), gate {t['gate']:.3f}" +
+        (f"; {s.no_result_queries} of {s.grids} queries got \"No similar images found\"" if s.grids else ""),
+        _grids_line(s),
+        (f"t-SNE: {s.tsne_images} images" + (f" (an even sample of {len(library)})"
+                                             if s.tsne_images < len(library) else ""))
+        if "maps" in s.parts else "maps: not drawn in this run (--only without maps)",
     ])
     report.heading("Timings (seconds)").table(pd.Series(s.timings, name="seconds").to_frame(), index=True)
     report.heading("Silhouette score by k").table(s.kmeans.tuning_, floatfmt=(".0f", ".4f", ".2f"))
@@ -223,14 +243,27 @@ def build_report(s: RunSummary) -> Report:
         sample = f", on an even sample of {s.evaluation.queries} query images" \
             if s.evaluation.queries < len(library) else ""
         report.heading(f"Evaluation (leave-one-out, classes from subfolders{sample})").table(s.evaluation.table)
+    elif "evaluation" not in s.parts and library.labels() is not None:
+        report.heading("Evaluation").text("Not run in this run (--only without evaluation).")
     report.heading("Skipped files")
     if len(s.skipped):
         report.table(s.skipped)
     else:
         report.text("None.")
-    grids = sorted((s.out / "rec" / s.approach).glob(f"*{GRID_SUFFIX}"))
-    report.heading(f"Recommendation grids (first {min(len(grids), REPORT_INLINE_GRIDS)} of {len(grids)})")
-    for grid in grids[:REPORT_INLINE_GRIDS]:
-        report.image(f"rec/{s.approach}/{grid.name}", grid.stem).image(f"rec/kmeans/{grid.name}", grid.stem)
+    if s.grid_files:
+        shown = s.grid_files[:REPORT_INLINE_GRIDS]
+        report.heading(f"Recommendation grids (the first {len(shown)} of the {len(s.grid_files)} this run drew)")
+        for name in shown:
+            stem = Path(name).stem
+            report.image(f"rec/{s.approach}/{name}", stem).image(f"rec/kmeans/{name}", stem)
     return report
+
+
+def _grids_line(s: RunSummary) -> str:
+    """How many grids this run drew and where (grids of earlier runs may lie beside them)."""
+    if "grids" not in s.parts:
+        return "recommendation grids: none drawn in this run (--only without grids)"
+    of = f" (an even sample of the {len(s.library)} photos, --limit)" if s.grids < len(s.library) else ""
+    return (f"recommendation grids: {s.grids} photos{of}, one grid per approach each, in "
+            f"{s.out / 'rec' / s.approach}/ and {s.out / 'rec' / 'kmeans'}/")
 

@@ -13,25 +13,37 @@ feature space in 2-D, from :func:`~similar_finder.reduce.tsne_embedding` or ``um
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from ._io import atomic_write
+from ._io import atomic_path, atomic_write
 from .images import ImageError, class_of, load_image
 from .neighbors import sample_rows
 from .thresholds import NO_RESULTS
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 THUMB = 160  # pixels of a thumbnail in a grid
 THUMB_CACHE = 1024  # decoded thumbnails a process keeps (160 px: 77 kB each)
+TEXT_CACHE = 4096  # rendered caption lines a process keeps (2 kB each): distances repeat to 3 decimals
+GRID_QUALITY = 88
 GRID_PAD = 10
 GRID_FONT = 12
 GRID_RIGHT, GRID_WRONG = "seagreen", "firebrick"  # a result of the query's class, of another
+
+
+def _figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure  # deferred: the grid workers draw with Pillow only
+
+    return Figure(**kwargs)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
@@ -61,40 +73,66 @@ def recommendation_grid(query: str | os.PathLike, results: pd.DataFrame, images_
     Composed with Pillow at a fixed layout (a PIL image, shown inline in a
     notebook; ``.save(path)`` writes it): run_all draws one per photo and
     approach, and matplotlib drawing each twice (``bbox_inches="tight"``) cost
-    twenty times the decoding.
+    twenty times the decoding. :func:`compose_grid` is the same from plain values.
     """
-    if classes and "label" not in results:
-        results = results.assign(label=[class_of(p) for p in results["path"]])
+    if "label" in results:
+        labels = results["label"].tolist()
+    else:
+        labels = [class_of(p) for p in results["path"]] if classes else [None] * len(results)
+    root = Path(images_root)
+    return compose_grid(Path(query), [(root / path, float(distance), label or None) for path, distance, label
+                                      in zip(results["path"], results["distance"], labels)],
+                        title=title, query_label=query_label)
+
+
+def compose_grid(query: Path, results, *, title: str | None = None, query_label: str | None = None) -> Image.Image:
+    """:func:`recommendation_grid` from ``results`` as ``(photo path, distance, label or None)`` tuples.
+
+    What makes it cheap enough to draw one per photo and approach: each photo is
+    decoded once per process while it stays in the thumbnail cache, and each
+    caption line is rendered once and pasted as a mask after (a result's
+    distance, to 3 decimals, and its class repeat across thousands of grids).
+    """
     n = max(len(results), 3)  # an empty answer still gets room for its message
     pad, big, cell = GRID_PAD, 2 * THUMB, THUMB + GRID_PAD
-    font, small = _font(GRID_FONT + 2), _font(GRID_FONT)
     title_h = GRID_FONT + 2 * pad + 4 if title else 0
     caption_h = 2 * (GRID_FONT + 4) + pad
     width, height = pad + big + 2 * pad + n * cell, title_h + caption_h + big + pad
     canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((width / 2, pad), title, fill="black", font=font, anchor="ma")
+        _paste_text(canvas, (width // 2, pad), title, GRID_FONT + 2, anchor="ma")
     top = title_h + caption_h
     canvas.paste(_thumbnail_image(Path(query), big), (pad, top))
-    draw.multiline_text((pad + big / 2, top - 4), f"query: {Path(query).name}" +
-                        (f"\n({query_label})" if query_label else ""), fill="black", font=small, anchor="md",
-                        align="center")
+    _paste_text(canvas, (pad + big // 2, top - 4), f"query: {Path(query).name}" +
+                (f"\n({query_label})" if query_label else ""), GRID_FONT, anchor="md")
     left = pad + big + 2 * pad
-    if results.empty:
-        draw.text((left + n * cell / 2, top + big / 2), NO_RESULTS, fill=GRID_WRONG, font=_font(GRID_FONT + 6),
-                  anchor="mm")
+    if not len(results):
+        _paste_text(canvas, (left + n * cell // 2, top + big // 2), NO_RESULTS, GRID_FONT + 6, fill=GRID_WRONG,
+                    anchor="mm")
     y = top + (big - THUMB) // 2
-    for i, row in enumerate(results.itertuples(index=False)):
+    draw = ImageDraw.Draw(canvas)
+    for i, (path, distance, label) in enumerate(results):
         x = left + i * cell
-        canvas.paste(_thumbnail_image(Path(images_root) / row.path, THUMB), (x, y))
-        label = getattr(row, "label", None)
+        canvas.paste(_thumbnail_image(Path(path), THUMB), (x, y))
         if label and query_label:
             draw.rectangle((x - 3, y - 3, x + THUMB + 2, y + THUMB + 2), outline=GRID_RIGHT if label == query_label
                            else GRID_WRONG, width=3)
-        caption = f"d = {row.distance:.3f}" + (f"\n{label}" if label else "")
-        draw.multiline_text((x + THUMB / 2, y - 6), caption, fill="black", font=small, anchor="md", align="center")
+        _paste_text(canvas, (x + THUMB // 2, y - 6), f"d = {distance:.3f}" + (f"\n{label}" if label else ""),
+                    GRID_FONT, anchor="md")
     return canvas
+
+
+def draw_grid_chunk(tasks) -> int:
+    """Draw and write the grids of a chunk of photos in this process; returns how many photos.
+
+    Each task is ``(query path, query label or None, [(title, results, file to write), ...])``, ``results``
+    as :func:`compose_grid` takes them. It lives here, not in the pipeline, so that a worker process
+    imports Pillow and this module only.
+    """
+    for query, query_label, grids in tasks:
+        for title, results, target in grids:
+            save_grid(compose_grid(query, results, title=title, query_label=query_label), target)
+    return len(tasks)
 
 
 def save_grid(image: Image.Image, path: str | os.PathLike) -> Path:
@@ -102,15 +140,18 @@ def save_grid(image: Image.Image, path: str | os.PathLike) -> Path:
     25 times faster to write, and smaller)."""
     path = Path(path)
     jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    with atomic_write(path, "wb") as handle:
-        image.save(handle, "JPEG" if jpeg else "PNG", **({"quality": 88} if jpeg else {"compress_level": 3}))
+    # Renamed into place, so never half-written, but not fsynced: a grid is drawn again by the next run, and
+    # an fsync of each of thousands of small files cost as much as composing them.
+    with atomic_path(path) as tmp:
+        image.save(tmp, "JPEG" if jpeg else "PNG", **({"quality": GRID_QUALITY} if jpeg else {"compress_level": 3}))
     return path
 
 
-@functools.lru_cache(maxsize=1)
 def _font_file() -> str:
-    # matplotlib ships DejaVu Sans: the same face as the figures, with no font to install.
-    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+    # matplotlib ships DejaVu Sans: the same face as the figures, with no font to install. Found without
+    # importing matplotlib, which a grid worker does not need.
+    return str(Path(importlib.util.find_spec("matplotlib").origin).parent / "mpl-data" / "fonts" / "ttf" /
+               "DejaVuSans.ttf")
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,15 +159,62 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(_font_file(), size)
 
 
-@functools.lru_cache(maxsize=THUMB_CACHE)
+@functools.lru_cache(maxsize=None)
+def _line_spacing(size: int) -> int:
+    return _font(size).getbbox("A")[3] + 4
+
+
+@functools.lru_cache(maxsize=TEXT_CACHE)
+def _text_mask(line: str, size: int, anchor: str) -> tuple[Image.Image, int, int]:
+    """One line of text rendered once: its 8-bit coverage mask and its offset from the anchor point."""
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(line, anchor=anchor)
+    mask = Image.new("L", (max(right - left, 1), max(bottom - top, 1)), 0)
+    ImageDraw.Draw(mask).text((-left, -top), line, fill=255, font=font, anchor=anchor)
+    return mask, left, top
+
+
+def _paste_text(canvas: Image.Image, xy, text: str, size: int, *, fill="black", anchor: str = "la") -> None:
+    """``ImageDraw.text`` with ``align="center"`` for a horizontally centred anchor, from cached line masks.
+
+    Lines are spaced as Pillow spaces them (the height of "A" plus 4 pixels); a ``d`` anchor puts the last
+    line at ``xy``, an ``a`` one the first.
+    """
+    lines = text.split("\n")
+    spacing = _line_spacing(size)
+    x, y = round(xy[0]), round(xy[1])
+    if anchor[1] == "d":
+        y -= (len(lines) - 1) * spacing
+    elif anchor[1] == "m":
+        y -= (len(lines) - 1) * spacing // 2
+    for line in lines:
+        mask, left, top = _text_mask(line, size, anchor)
+        canvas.paste(fill, (x + left, y + top, x + left + mask.width, y + top + mask.height), mask)
+        y += spacing
+
+
+_thumbnails: OrderedDict[tuple[Path, int], Image.Image] = OrderedDict()  # least recently used first
+
+
 def _thumbnail_image(path: Path, size: int) -> Image.Image:
-    # A photo is a result in many grids: one process decodes it once (while it stays in the cache).
-    return Image.fromarray(_thumbnail(path, size))
+    """A photo at ``size`` pixels, decoded once per process while it stays among the last
+    :data:`THUMB_CACHE` used: a photo is a result in many grids (and a query in one)."""
+    key = (path, size)
+    if key in _thumbnails:
+        _thumbnails.move_to_end(key)
+        return _thumbnails[key]
+    image = _thumbnails[key] = Image.fromarray(_thumbnail(path, size))
+    if size == 2 * THUMB and (path, THUMB) not in _thumbnails:
+        # A query's result tile, when it is one in a later grid of its cluster: its large tile halved.
+        _thumbnails[path, THUMB] = image.reduce(2)
+    while len(_thumbnails) > THUMB_CACHE:
+        _thumbnails.popitem(last=False)
+    return image
 
 
 def image_rows(rows: dict[str, list[str]], images_root: str | os.PathLike, *, per_row: int = 8) -> Figure:
     """One row of thumbnails per entry, e.g. the first images of each cluster."""
-    fig = Figure(figsize=(1.6 * per_row, 1.8 * len(rows)))
+    fig = _figure(figsize=(1.6 * per_row, 1.8 * len(rows)))
     for r, (name, paths) in enumerate(rows.items()):
         for c in range(per_row):
             ax = fig.add_subplot(len(rows), per_row, r * per_row + c + 1)
@@ -149,7 +237,7 @@ def tsne_map(points: np.ndarray, colours: dict[str, np.ndarray], *, paths=None,
     """
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    fig = Figure(figsize=(7 * len(colours), 6.5))
+    fig = _figure(figsize=(7 * len(colours), 6.5))
     chosen = sample_rows(len(points), thumbnails, even=True) if thumbnails and paths is not None and \
         images_root is not None else []
     pictures = {i: _thumbnail(Path(images_root) / paths[i], 40) for i in chosen}  # decoded once for every panel
@@ -185,7 +273,7 @@ def _palette(cmap: str, i: int):
 
 def silhouette_curve(table: pd.DataFrame, best_k: int | None = None) -> Figure:
     """Silhouette score against k, the chosen k marked."""
-    fig = Figure(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.plot(table["k"], table["silhouette"], marker="o")
     if best_k is not None:
@@ -202,7 +290,7 @@ def silhouette_curve(table: pd.DataFrame, best_k: int | None = None) -> Figure:
 
 def distance_histogram(distances: np.ndarray, threshold: float, *, label: str = "") -> Figure:
     """Histogram of nearest-neighbour distances with the threshold as a vertical line."""
-    fig = Figure(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.hist(np.asarray(distances).ravel(), bins=30, color="steelblue", alpha=0.8)
     ax.axvline(threshold, color="firebrick", linestyle="--", label=f"threshold {threshold:.3f} {label}".strip())
@@ -218,7 +306,7 @@ def threshold_tradeoff(curve: dict, chosen: float, *, youden: float | None = Non
 
     ``curve`` is the ``"curve"`` of a labelled calibration (:func:`thresholds.tradeoff_curve`).
     """
-    fig = Figure(figsize=(6.5, 4))
+    fig = _figure(figsize=(6.5, 4))
     ax = fig.add_subplot()
     for name, style in (("library answered", "-"), ("same class found", "--"), ("other classes kept out", ":")):
         ax.plot(curve["threshold"], curve[name], style, label=name, linewidth=2)
@@ -253,7 +341,7 @@ def score_bars(table: pd.DataFrame, columns=("precision@5", "mAP"), *, label: st
                title: str = "") -> Figure:
     """A comparison table as grouped horizontal bars, one group per row of ``table``."""
     columns = [c for c in columns if c in table]
-    fig = Figure(figsize=(8, 0.45 * len(table) * len(columns) + 1.2))
+    fig = _figure(figsize=(8, 0.45 * len(table) * len(columns) + 1.2))
     ax = fig.add_subplot()
     height = 0.8 / len(columns)
     positions = np.arange(len(table))

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from similar_finder.evaluate import evaluate, retrieval_scores
-from similar_finder.library import labels_from_paths
+from similar_finder.library import Library, labels_from_paths
 
 
 def test_retrieval_scores_by_hand():
@@ -94,3 +94,20 @@ def test_other_backbones_take_a_pooling_and_backbone_rows_carry_their_throughput
     again = evaluate(tmp_path / "photos", **run).table.set_index("method")
     assert again.loc["CNN efficientnet_lite0:gem, cosine", "photos/s"] == gem["photos/s"]
     assert again.loc["cosine recommender (CNN efficientnet_lite0)", "photos/s"] == main_row["photos/s"]
+
+
+def test_chi2_over_each_querys_filled_bins_is_sklearns_dense_chi2(food_features):
+    from sklearn.metrics.pairwise import additive_chi2_kernel
+
+    from similar_finder.neighbors import chi2_distances
+
+    histograms = Library(food_features).vectors("color")  # real colour histograms: most of their bins empty
+    assert (histograms == 0).mean() > 0.5
+    dense = -0.5 * additive_chi2_kernel(histograms, histograms)
+    ours = chi2_distances(histograms, histograms)
+    assert np.abs(ours - dense).max() < 1e-5
+    assert (np.argsort(ours, 1, kind="stable")[:, :6] == np.argsort(dense, 1, kind="stable")[:, :6]).mean() > 0.99
+    empty = np.zeros((1, histograms.shape[1]), np.float32)  # a query with no filled bin: half of each row's sum
+    np.testing.assert_allclose(chi2_distances(empty, histograms)[0], 0.5 * histograms.sum(1), rtol=1e-6)
+    with pytest.raises(ValueError, match="every value must be 0 or more"):
+        chi2_distances(-histograms[:1], histograms)

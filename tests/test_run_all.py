@@ -82,3 +82,37 @@ def test_bad_arguments_are_clear(tmp_path):
         run_all(tmp_path, kind="colour")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_all(tmp_path / "missing")
+
+
+def test_only_and_limit_choose_what_a_run_makes_and_its_report_says_so(food_run, food_db):
+    first, out = food_run
+    summary = run_all(food_db, out=out, backbone="efficientnet_lite0", progress=False, limit=4,
+                      only=["grids", "report"])
+    assert summary.grids == len(summary.grid_files) == 4 and set(summary.timings) >= {"recommendation grids", "report"}
+    assert not {"maps", "evaluate"} & set(summary.timings) and summary.evaluation is None
+    report = (out / "report.md").read_text()
+    assert "recommendation grids: 4 photos (an even sample of the 36 photos, --limit)" in report
+    # Only this run's grids are shown, though the first run's 36 are still in rec/.
+    assert report.count("](rec/cosine/") == 4 and len(list((out / "rec" / "cosine").glob("*.jpg"))) == 36
+    assert "maps: not drawn in this run" in report and "Evaluation\n\nNot run in this run" in report
+
+
+def test_only_maps_and_report_from_the_command_line_draws_no_grid(food_run, food_db, capsys):
+    from similar_finder import cli
+
+    _, out = food_run
+    (out / "tsne.png").unlink()
+    assert cli.main(["run-all", str(food_db), "--out", str(out), "--backbone", "efficientnet_lite0",
+                     "--only", "maps,report", "--quiet"]) in (0, None)
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "grids:" not in printed and "tsne.png" in printed
+    assert (out / "tsne.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "recommendation grids: none drawn in this run" in report and "](rec/" not in report
+
+
+def test_bad_parts_and_limits_are_clear(food_db):
+    with pytest.raises(ValueError, match="unknown part 'gridz'; choose one of grids, maps, evaluation, report"):
+        run_all(food_db, only="gridz")
+    with pytest.raises(ValueError, match="limit must be at least 1"):
+        run_all(food_db, limit=0)
