@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from ._io import write_csv
-from .descriptors import DUPLICATE_BITS, HASH_KINDS, duplicate_groups, perceptual_hash
+from .descriptors import DUPLICATE_BITS, HASH_KINDS, duplicate_groups, phash_and_mirror
 from .errors import MissingError, check_choice
 from .features import extract_features
 from .images import ImageError, load_image, scan_images
@@ -49,8 +49,14 @@ SCALE_RANGE = (0.4, 2.5)  # a fit outside it is a coincidence, not a copy (a cro
 CROPPED_BELOW = 0.9     # share of the kept photo a copy still covers below which it is called cropped
 ROTATED_ABOVE = 1.5     # degrees of tilt from which a copy is called rotated
 SAME_LOOK_BELOW = 3.5   # mean difference (of 255, both blurred) of an aligned copy still only resized/recompressed
+GREY_BELOW = 3.0        # mean spread of R, G and B (of 255) under which a picture is greyscale
 BLURRED_BELOW = 0.5     # share of the kept photo's fine detail (Laplacian variance) under which a copy was blurred
-RELATIONS = ("same file", "same pixels", "mirrored", "rotated", "cropped", "resized", "recompressed", "edited")
+RESIZED_ABOVE = 1.05     # ratio of the files' scales from which a copy is called resized
+RECOMPRESSED_ABOVE = 0.1  # relative change of the mean JPEG quantisation step that makes a copy recompressed
+SAME_SIZE = 0.97        # share of the largest member's pixels at which a member still ties with it for keeping
+KEEPER_TRIES = 4        # tied members tried as the keeper (each is verified against every other member)
+# Each copy is labelled with every one of these it shows against the keeper, in this order ("cropped, mirrored").
+RELATIONS = ("same file", "same pixels", "cropped", "mirrored", "rotated", "recompressed", "resized", "edited")
 
 
 class DuplicateGroup(list):
@@ -68,21 +74,25 @@ class DuplicateGroup(list):
 @dataclass
 class _Photo:
     path: str
-    width: int
+    width: int                     # the file's own pixels, upright
     height: int
     size: int                      # bytes on disk
     modified: float                # mtime
     quantization: float            # mean JPEG quantisation step (0 for lossless): lower is less compressed
     sha256: str
+    colour: float                  # mean spread of R, G and B (under 3: a greyscale picture)
+    shape: tuple                   # (height, width) at FIT_SIDE, where keypoints and fits are
     bits: np.ndarray               # pHash of the photo and of its mirror image
-    pixels: np.ndarray | None = field(repr=False)  # RGB, longer side FIT_SIDE: kept only to label a group
     views: tuple = field(repr=False)   # (points, descriptors) of the photo and of its mirror
+    # RGB, longer side FIT_SIDE: held only while its group is labelled (100k photos would not fit in memory)
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    blurred: dict = field(default_factory=dict, repr=False)  # pixels blurred by sigma, while labelled
 
     @property
     def rank(self) -> tuple:
-        """Which member to keep: most pixels, then least compressed, then (a tie, as a mirrored or retouched copy
-        saved alike is) the older file, the one the others were made from, then the largest."""
-        return (self.width * self.height, -self.quantization, -self.modified, self.size)
+        """Which of two members alike in pixels to keep, lowest first: least compressed, then the older file (the
+        one the others were made from), then the larger file, then the name."""
+        return (self.quantization, self.modified, -self.size, self.path)
 
 
 @dataclass
@@ -92,26 +102,40 @@ class _Match:
     transform: np.ndarray          # 2x3: points of the first photo (mirrored when ``mirrored``) into the second
 
 
-def _read(root: Path, path: str, keep_pixels: bool = False) -> _Photo:
+def _pixels(data: bytes) -> np.ndarray:
+    """RGB pixels at FIT_SIDE on the longer side (a JPEG decoded at a reduced size straight from its DCT)."""
+    return load_image(data, FIT_SIDE, keep_aspect=True)[0]
+
+
+def _views(grey: np.ndarray) -> tuple:
+    """ORB keypoints (positions, descriptors) of a grey picture and of its mirror image."""
     import cv2  # opencv: only when duplicates are verified
 
-    file = root / path
-    data = file.read_bytes()
-    pixels, _ = load_image(data, FIT_SIDE, keep_aspect=True)
-    with Image.open(file) as img:  # header only: the true size and how hard a JPEG was compressed
-        width, height = img.size
-        tables = getattr(img, "quantization", None) or {}
-    quantization = float(np.mean([np.mean(t) for t in tables.values()])) if tables else 0.0
-    grey = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
     orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=FAST_THRESHOLD)
     views = []
     for view in (grey, np.ascontiguousarray(grey[:, ::-1])):
         points, descriptors = orb.detectAndCompute(view, None)
         views.append((np.float32([p.pt for p in points]).reshape(-1, 2), descriptors))
-    bits = np.stack([perceptual_hash(pixels), perceptual_hash(np.ascontiguousarray(pixels[:, ::-1]))])
-    return _Photo(path, width, height, len(data), file.stat().st_mtime, quantization, hashlib.sha256(data).hexdigest(),
-                  bits, pixels if keep_pixels else None,
-                  tuple(views))
+    return tuple(views)
+
+
+def _read(root: Path, path: str) -> _Photo:
+    """One photo, described once: its keypoints and hashes (the pixels are read again only to label a group)."""
+    import cv2
+
+    file = root / path
+    data = file.read_bytes()
+    pixels = _pixels(data)
+    with Image.open(file) as img:  # header only: the true size and how hard a JPEG was compressed
+        width, height = img.size
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned upright by a quarter turn, as the pixels are
+            width, height = height, width
+        tables = getattr(img, "quantization", None) or {}
+    quantization = float(np.mean([np.mean(t) for t in tables.values()])) if tables else 0.0
+    grey = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+    colour = float(np.ptp(pixels[::4, ::4].astype(np.int16), axis=2).mean())  # every 4th pixel tells grey enough
+    return _Photo(path, width, height, len(data), file.stat().st_mtime, quantization,
+                  hashlib.sha256(data).hexdigest(), colour, grey.shape, phash_and_mirror(grey), _views(grey))
 
 
 def _fit(a: tuple, b: tuple) -> tuple[int, np.ndarray | None]:
@@ -151,45 +175,110 @@ def _verify(a: _Photo, b: _Photo) -> _Match | None:
     return best
 
 
-def _relation(copy: _Photo, keep: _Photo, match: _Match | None) -> str:
-    """How ``copy`` differs from ``keep`` (one of :data:`RELATIONS`)."""
+def _edits(copy: _Photo, keep: _Photo, match: _Match | None, look: bool = True) -> tuple[str, ...]:
+    """Every way ``copy`` differs from ``keep`` that the fit can tell, in :data:`RELATIONS` order.
+
+    ``look=False``: only what the fit and the files tell (no pixels compared: a changed look or a blur is not
+    seen), a few times faster, enough to choose the keeper.
+    """
     import cv2
 
     if copy.sha256 == keep.sha256:
-        return "same file"
+        return ("same file",)
     if match is None:
-        return "edited"  # linked through another member only
-    if (copy.width, copy.height) == (keep.width, keep.height) and np.array_equal(copy.pixels, keep.pixels):
-        return "same pixels"
-    if match.mirrored:
-        return "mirrored"
+        return ("edited",)  # linked through another member only
+    if look and (copy.width, copy.height) == (keep.width, keep.height) and np.array_equal(copy.pixels, keep.pixels):
+        return ("same pixels",)
+    edits = set()
     t = match.transform
-    if abs(math.degrees(math.atan2(t[1, 0], t[0, 0]))) > ROTATED_ABOVE:
-        return "rotated"
-    h, w = copy.pixels.shape[:2]
-    corners = cv2.transform(np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2), t).reshape(-1, 2)
-    kh, kw = keep.pixels.shape[:2]
-    frame = np.float32([[0, 0], [kw, 0], [kw, kh], [0, kh]])
-    covered, _ = cv2.intersectConvexConvex(corners, frame)
-    if covered / (kw * kh) < CROPPED_BELOW:
-        return "cropped"
-    aligned = cv2.warpAffine(copy.pixels, t, (kw, kh)).astype(np.float32)
-    inside = cv2.warpAffine(np.ones((h, w), np.uint8), t, (kw, kh)) > 0
-    # Compared blurred by ~2 px of the smaller photo: JPEG blocks and resampling vanish, a new brightness, contrast
-    # or caption stays.
-    sigma = 2.0 * FIT_SIDE / min(max(copy.width, copy.height), max(keep.width, keep.height), FIT_SIDE)
-    difference = np.abs(cv2.GaussianBlur(aligned, (0, 0), sigma)
-                        - cv2.GaussianBlur(keep.pixels.astype(np.float32), (0, 0), sigma))[inside].mean()
-    grey_copy = np.ptp(copy.pixels.astype(np.int16), axis=2).mean() < 3 <= np.ptp(keep.pixels.astype(np.int16),
-                                                                                    axis=2).mean()
-    if grey_copy or difference > SAME_LOOK_BELOW:
-        return "edited"
-    if (copy.width, copy.height) != (keep.width, keep.height):
-        return "resized"
-    # At the same size, a copy that lost most of its fine detail was blurred, not only recompressed.
-    sharpness = [cv2.Laplacian(cv2.cvtColor(p, cv2.COLOR_RGB2GRAY), cv2.CV_32F)[inside].var()
-                 for p in (aligned.clip(0, 255).astype(np.uint8), keep.pixels)]
-    return "edited" if sharpness[0] < BLURRED_BELOW * sharpness[1] else "recompressed"
+    if match.mirrored:
+        edits.add("mirrored")
+    angle = math.degrees(math.atan2(t[1, 0], t[0, 0]))
+    scale = math.hypot(t[0, 0], t[1, 0])
+    if abs(angle) > ROTATED_ABOVE:
+        edits.add("rotated")
+    (h, w), (kh, kw) = copy.shape, keep.shape
+    if abs(angle) > ROTATED_ABOVE:  # a straightened copy loses its corners to the tilt, not to a crop: by area
+        shown = w * h * scale ** 2 / (kw * kh)
+    else:  # by the part of the kept picture the copy's frame covers (a crop off centre too)
+        corners = cv2.transform(np.float32([[0, 0], [w, 0], [w, h], [0, h]]).reshape(-1, 1, 2), t).reshape(-1, 2)
+        shown, _ = cv2.intersectConvexConvex(corners, np.float32([[0, 0], [kw, 0], [kw, kh], [0, kh]]))
+        shown /= kw * kh
+    if shown < CROPPED_BELOW:
+        edits.add("cropped")
+    # The fit is in FIT_SIDE pixels: in the files' own pixels its scale is the resize.
+    resized = abs(math.log(scale * (keep.width / kw) / (copy.width / w))) > math.log(RESIZED_ABOVE)
+    if resized:
+        edits.add("resized")
+    if copy.colour < GREY_BELOW <= keep.colour:
+        edits.add("edited")  # made greyscale
+    if look and _looks_edited(copy, keep, match, resized):
+        edits.add("edited")
+    lossy = copy.quantization > 0, keep.quantization > 0
+    if (lossy != (False, False) and (lossy[0] != lossy[1] or abs(copy.quantization - keep.quantization)
+                                     > RECOMPRESSED_ABOVE * keep.quantization)) or not edits:
+        edits.add("recompressed")  # saved at another quality (or nothing else tells the pixels apart)
+    return tuple(r for r in RELATIONS if r in edits)
+
+
+def _looks_edited(copy: _Photo, keep: _Photo, match: _Match, resized: bool) -> bool:
+    """Whether ``copy`` brought onto ``keep`` by the fit looks changed, or was blurred (both hold their pixels)."""
+    import cv2
+
+    t = match.transform
+    pixels = np.ascontiguousarray(copy.pixels[:, ::-1]) if match.mirrored else copy.pixels  # as the fit saw it
+    (h, w), (kh, kw) = copy.shape, keep.shape
+    aligned = cv2.warpAffine(pixels, t, (kw, kh)).astype(np.float32)
+    covered = cv2.warpAffine(np.ones((h, w), np.float32), t, (kw, kh))
+    # Keeper pixels the copy covers, less a border where the warp blends in its black edge; a tilted copy's fill
+    # lies outside the kept frame, so it is never compared.
+    inside = cv2.erode(covered, np.ones((5, 5), np.uint8)) > 0.99
+    if inside.any():
+        # Compared blurred by ~2 px of the smaller photo: JPEG blocks and resampling vanish, a new brightness,
+        # contrast or caption stays. The copy's blur is over the pixels it covers only (divided by the blurred
+        # coverage), or its edge would bring in the black around it.
+        sigma = 2.0 * FIT_SIDE / min(max(copy.width, copy.height), max(keep.width, keep.height), FIT_SIDE)
+        if sigma not in keep.blurred:  # the keeper is compared with each copy
+            keep.blurred[sigma] = cv2.GaussianBlur(keep.pixels.astype(np.float32), (0, 0), sigma)
+        weight = np.maximum(cv2.GaussianBlur(covered, (0, 0), sigma), 1e-3)[..., None]
+        smooth = cv2.GaussianBlur(aligned * covered[..., None], (0, 0), sigma) / weight
+        difference = np.abs(smooth - keep.blurred[sigma])[inside].mean()
+        # Compared pixel for pixel at FIT_SIDE (not resized, not cropped: the fit's scale is 1), a copy that lost
+        # most of its fine detail was blurred, not only recompressed; a smaller copy or a crop brought to FIT_SIDE
+        # is soft anyway.
+        blurred = not resized and abs(math.log(math.hypot(t[0, 0], t[1, 0]))) < math.log(RESIZED_ABOVE) and (
+            cv2.Laplacian(cv2.cvtColor(aligned.clip(0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY), cv2.CV_32F)[inside].var()
+            < BLURRED_BELOW * cv2.Laplacian(cv2.cvtColor(keep.pixels, cv2.COLOR_RGB2GRAY), cv2.CV_32F)[inside].var())
+        return blurred or difference > SAME_LOOK_BELOW
+    return False
+
+
+def _relation(copy: _Photo, keep: _Photo, match: _Match | None) -> str:
+    """How ``copy`` differs from ``keep``: its :func:`_edits`, as one label ("cropped, mirrored")."""
+    return ", ".join(_edits(copy, keep, match))
+
+
+def _keeper(members: list[int], full: dict[int, _Photo]) -> tuple[int, dict[int, str]]:
+    """The member to keep among ``members`` (all read with pixels), and how each other member differs from it.
+
+    The most pixels first (copies within :data:`SAME_SIZE` of the largest tie); among those, the one the others
+    differ from in the fewest ways: the photo a crop, a caption or a recompressed copy was made from, which a
+    copy saved at a higher quality would otherwise beat. Still tied (a photo and its mirror image differ
+    alike both ways): the least compressed, then the older file, then the larger file, then the name.
+    """
+    largest = max(full[i].width * full[i].height for i in members)
+    tied = sorted((i for i in members if full[i].width * full[i].height >= SAME_SIZE * largest),
+                  key=lambda i: full[i].rank)[:KEEPER_TRIES]
+
+    def fits(keep):
+        return {i: _verify(full[i], full[keep]) for i in members if i != keep}
+
+    tried = {keep: fits(keep) for keep in tied} if len(tied) > 1 else {}
+    ways = {keep: sum(len(_edits(full[i], full[keep], m, look=False)) for i, m in found.items()
+                      if full[i].sha256 != full[keep].sha256) for keep, found in tried.items()}
+    keep = min(tied, key=lambda k: (ways.get(k, 0), tied.index(k)))  # in rank order on a tie
+    found = tried.get(keep) or fits(keep)
+    return keep, {i: _relation(full[i], full[keep], m) for i, m in found.items()}
 
 
 def _candidates(photos: list[_Photo], vectors: np.ndarray | None) -> set[tuple[int, int]]:
@@ -267,41 +356,65 @@ def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarr
     root = Path(root)
     workers = os.cpu_count() if n_jobs in (-1, None) else max(1, int(n_jobs))
 
-    def read(path, keep_pixels=False):
+    def read(path):
         try:
-            return _read(root, path, keep_pixels)
+            return _read(root, path)
         except (ImageError, OSError) as exc:
             return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
-    with ThreadPoolExecutor(workers) as pool:  # ORB and the decoders release the GIL
+    with _one_thread_each(), ThreadPoolExecutor(workers) as pool:  # OpenCV and the decoders release the GIL
         read_all = list(pool.map(read, paths))
-    left_out = {p: r for p, r in zip(paths, read_all) if isinstance(r, str)}
-    keep = [i for i, r in enumerate(read_all) if not isinstance(r, str)]
-    photos = [read_all[i] for i in keep]
-    if len(photos) < 2:
-        return [], left_out
-    vectors = None if vectors is None else np.asarray(vectors, np.float32)[keep]
-    pairs = sorted(_candidates(photos, vectors))
-    with ThreadPoolExecutor(workers) as pool:
-        matches = dict(zip(pairs, pool.map(lambda p: _verify(photos[p[0]], photos[p[1]]), pairs)))
-    linked = [pair for pair, match in matches.items() if match is not None]
-    groups = []
-    for members in _components(len(photos), linked):
-        best = max(members, key=lambda i: photos[i].rank)
-        # Read again with their pixels (which 100k photos would not hold in memory) to be told apart.
-        full = {i: read(photos[i].path, keep_pixels=True) for i in members}
-        relation = {}
-        for i in members:
-            if i == best:
-                continue
-            if isinstance(full[i], str) or isinstance(full[best], str):  # changed since it was read a moment ago
-                relation[photos[i].path] = "edited"
-            else:  # verified again in the direction copy -> kept, which the labels read
-                relation[photos[i].path] = _relation(full[i], full[best], _verify(full[i], full[best]))
-        order = [best] + sorted((i for i in members if i != best), key=lambda i: photos[i].path)
-        groups.append(DuplicateGroup([photos[i].path for i in order], relation))
+        left_out = {p: r for p, r in zip(paths, read_all) if isinstance(r, str)}
+        keep = [i for i, r in enumerate(read_all) if not isinstance(r, str)]
+        photos = [read_all[i] for i in keep]
+        if len(photos) < 2:
+            return [], left_out
+        vectors = None if vectors is None else np.asarray(vectors, np.float32)[keep]
+        pairs = sorted(_candidates(photos, vectors))
+        verified = pool.map(lambda p: _verify(photos[p[0]], photos[p[1]]), pairs, chunksize=64)
+        linked = [pair for pair, match in zip(pairs, verified) if match is not None]
+        groups = list(pool.map(lambda members: _group(root, [photos[i] for i in members]),
+                               _components(len(photos), linked)))
     groups.sort(key=lambda g: (-len(g), g[0]))
     return groups, left_out
+
+
+class _one_thread_each:
+    """OpenCV's own threads off while a pool runs one call per core (they would only fight over the cores)."""
+
+    def __enter__(self):
+        import cv2
+
+        self.before = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+
+    def __exit__(self, *exc):
+        import cv2
+
+        cv2.setNumThreads(self.before)
+
+
+def _group(root: Path, members: list[_Photo]) -> DuplicateGroup:
+    """A verified group: its keeper first, the others by path, and how each differs from the keeper."""
+    readable = []
+    for photo in members:  # the pixels again, held only while the group is labelled
+        try:
+            photo.pixels = _pixels((root / photo.path).read_bytes())
+            readable.append(photo)
+        except (ImageError, OSError):  # changed since it was read a moment ago: grouped, not told apart
+            pass
+    try:
+        if readable:
+            best, labels = _keeper(list(range(len(readable))), dict(enumerate(readable)))
+            keeper = readable[best]
+            labels = {readable[i].path: label for i, label in labels.items()}
+        else:
+            keeper, labels = min(members, key=lambda p: p.rank), {}
+    finally:
+        for photo in members:
+            photo.pixels, photo.blurred = None, {}
+    others = sorted(p.path for p in members if p is not keeper)
+    return DuplicateGroup([keeper.path, *others], {path: labels.get(path, "edited") for path in others})
 
 
 def _hash_groups(root: Path, paths: list[str], max_distance: int, kind: str, n_jobs: int):
