@@ -16,9 +16,12 @@ picture per group (command line: ``similar-finder duplicates IMAGES_DIR``).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,8 @@ ORB_FEATURES = 300      # keypoints a photo (and as many for its mirror): ~24 kB
 FAST_THRESHOLD = 10     # corner contrast of a keypoint (OpenCV: 20): lower, so blurred or low-contrast copies keep some
 CNN_CANDIDATES = 4      # nearest neighbours by CNN vector verified per photo (caps the verification work)
 HASH_CANDIDATES = 2     # and by perceptual hash, of the photo and of its mirror
+QUERY_CNN_CANDIDATES = 8   # a single query (the app's per-photo near-duplicates): CNN neighbours verified
+QUERY_HASH_CANDIDATES = 4  # and hash neighbours of the query and of its mirror: at most 16 verified a request
 RATIO = 0.8             # Lowe's ratio test: a match counts when clearly better than the second best
 RANSAC_PX = 5.0         # reprojection error (px at FIT_SIDE) of a match that agrees with the fit
 MIN_INLIERS = 12        # agreeing matches that make a copy (tuned on clothing seed 0, see bench/duplicates_bench.py)
@@ -56,6 +61,9 @@ RECOMPRESSED_ABOVE = 0.1  # relative change of the mean JPEG quantisation step t
 SAME_SIZE = 0.97        # share of the largest member's pixels at which a member still ties with it for keeping
 KEEPER_TRIES = 4        # tied members tried as the keeper (each is verified against every other member)
 # Each copy is labelled with every one of these it shows against the keeper, in this order ("cropped, mirrored").
+NO_DUPLICATES = ("No near-duplicates found",  # the per-photo answer with none, and why
+                 "none of the photos closest to it by CNN vector or by hash is a copy of it (keypoints and a "
+                 "geometric fit checked, the mirror image too)")
 RELATIONS = ("same file", "same pixels", "cropped", "mirrored", "rotated", "recompressed", "resized", "edited")
 
 
@@ -121,12 +129,16 @@ def _views(grey: np.ndarray) -> tuple:
 
 def _read(root: Path, path: str) -> _Photo:
     """One photo, described once: its keypoints and hashes (the pixels are read again only to label a group)."""
-    import cv2
-
     file = root / path
     data = file.read_bytes()
+    return _describe(data, path, file.stat().st_mtime)
+
+
+def _describe(data: bytes, path: str, modified: float, keep_pixels: bool = False) -> _Photo:
+    import cv2
+
     pixels = _pixels(data)
-    with Image.open(file) as img:  # header only: the true size and how hard a JPEG was compressed
+    with Image.open(io.BytesIO(data)) as img:  # header only: the true size and how hard a JPEG was compressed
         width, height = img.size
         if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # turned upright by a quarter turn, as the pixels are
             width, height = height, width
@@ -134,8 +146,8 @@ def _read(root: Path, path: str) -> _Photo:
     quantization = float(np.mean([np.mean(t) for t in tables.values()])) if tables else 0.0
     grey = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
     colour = float(np.ptp(pixels[::4, ::4].astype(np.int16), axis=2).mean())  # every 4th pixel tells grey enough
-    return _Photo(path, width, height, len(data), file.stat().st_mtime, quantization,
-                  hashlib.sha256(data).hexdigest(), colour, grey.shape, phash_and_mirror(grey), _views(grey))
+    return _Photo(path, width, height, len(data), modified, quantization, hashlib.sha256(data).hexdigest(), colour,
+                  grey.shape, phash_and_mirror(grey), _views(grey), pixels if keep_pixels else None)
 
 
 def _fit(a: tuple, b: tuple) -> tuple[int, np.ndarray | None]:
@@ -163,14 +175,18 @@ def _fit(a: tuple, b: tuple) -> tuple[int, np.ndarray | None]:
     return int(inliers.sum()), transform
 
 
-def _verify(a: _Photo, b: _Photo) -> _Match | None:
-    """Whether ``a`` (as it is, or mirrored) is a copy of ``b``, by agreeing keypoint matches."""
+def _verify(a: _Photo, b: _Photo, both: bool = False) -> _Match | None:
+    """Whether ``a`` (as it is, or mirrored) is a copy of ``b``, by agreeing keypoint matches.
+
+    ``both``: the mirror is tried even when the photo as it is matched, and the better fit wins (to label a
+    copy: a symmetric subject also fits its mirror image, turned).
+    """
     best = None
     for mirrored in (False, True):
         inliers, transform = _fit(a.views[int(mirrored)], b.views[0])
         if inliers >= MIN_INLIERS and (best is None or inliers > best.inliers):
             best = _Match(inliers, mirrored, transform)
-        if best is not None and not mirrored:
+        if best is not None and not mirrored and not both:
             break  # the photo as it is matched: its mirror need not be tried
     return best
 
@@ -271,7 +287,7 @@ def _keeper(members: list[int], full: dict[int, _Photo]) -> tuple[int, dict[int,
                   key=lambda i: full[i].rank)[:KEEPER_TRIES]
 
     def fits(keep):
-        return {i: _verify(full[i], full[keep]) for i in members if i != keep}
+        return {i: _verify(full[i], full[keep], both=True) for i in members if i != keep}
 
     tried = {keep: fits(keep) for keep in tied} if len(tied) > 1 else {}
     ways = {keep: sum(len(_edits(full[i], full[keep], m, look=False)) for i, m in found.items()
@@ -380,18 +396,32 @@ def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarr
 
 
 class _one_thread_each:
-    """OpenCV's own threads off while a pool runs one call per core (they would only fight over the cores)."""
+    """OpenCV's own threads off while a pool runs one call per core (they would only fight over the cores).
+
+    OpenCV's setting is global: the first of overlapping users (the app's duplicates view and a query at once)
+    turns it down, the last one out restores it.
+    """
+
+    _lock = threading.Lock()
+    _users = 0
+    _before = None
 
     def __enter__(self):
         import cv2
 
-        self.before = cv2.getNumThreads()
-        cv2.setNumThreads(1)
+        with self._lock:
+            if type(self)._users == 0:
+                type(self)._before = cv2.getNumThreads()
+                cv2.setNumThreads(1)
+            type(self)._users += 1
 
     def __exit__(self, *exc):
         import cv2
 
-        cv2.setNumThreads(self.before)
+        with self._lock:
+            type(self)._users -= 1
+            if type(self)._users == 0:
+                cv2.setNumThreads(type(self)._before)
 
 
 def _group(root: Path, members: list[_Photo]) -> DuplicateGroup:
@@ -415,6 +445,87 @@ def _group(root: Path, members: list[_Photo]) -> DuplicateGroup:
             photo.pixels, photo.blurred = None, {}
     others = sorted(p.path for p in members if p is not keeper)
     return DuplicateGroup([keeper.path, *others], {path: labels.get(path, "edited") for path in others})
+
+
+class NearDuplicateSearch:
+    """The near-duplicates of one photo among a library's, verified as :func:`near_duplicates` verifies a folder's
+    (the app's per-photo approach, for a library photo or an uploaded one).
+
+    Candidates, at most :data:`QUERY_CNN_CANDIDATES` + 2 x :data:`QUERY_HASH_CANDIDATES` a query: its nearest
+    library photos by CNN vector, and by the library's stored pHash of the query and of its mirror image. Each is
+    read and verified by keypoints and a similarity fit, the mirror tried too; an answer is a verified copy with
+    how it differs from the query ("cropped, mirrored"). ``hashes``: ``(rows, bits)`` of the library photos that
+    still have a pHash, when some cannot be read any more (default: the library's, every row).
+    """
+
+    kind = "cnn"  # what an uploaded query is described by (besides its pixels)
+
+    def __init__(self, library, hashes: tuple | None = None, *, n_jobs: int = -1):
+        self.library = library
+        self.cnn = Neighbors("cosine").fit(library.vectors("cnn"))
+        rows, bits = (np.arange(len(library)), library.vectors("phash")) if hashes is None else hashes
+        self.hash_rows = np.asarray(rows, np.int64)
+        self.hashes = Neighbors("hamming").fit(np.asarray(bits, np.float32)) if len(self.hash_rows) else None
+        self.workers = (os.cpu_count() or 1) if n_jobs in (-1, None) else max(1, int(n_jobs))
+
+    def of_photo(self, row: int, n: int = 5) -> tuple[list[dict], dict[str, str]]:
+        """The verified copies of library photo ``row`` (never itself), and the candidates unreadable with why."""
+        path = self.library.paths[row]
+        file = self.library.root / path
+        data = file.read_bytes()
+        return self.of_data(data, self.library.vectors("cnn")[row], n, path=path, modified=file.stat().st_mtime)
+
+    def of_data(self, data: bytes, vector: np.ndarray | None, n: int = 5, *, path: str | None = None,
+                modified: float | None = None) -> tuple[list[dict], dict[str, str]]:
+        """The verified copies of a photo given as its bytes and CNN vector (an upload; ``path``: a library photo
+        left out of its own answer): ``[{"row", "path", "distance", "relation"}]`` closest by CNN vector first."""
+        query = _describe(data, path or "query", time.time() if modified is None else modified, keep_pixels=True)
+        rows = [r for r in self._candidates(data, vector) if self.library.paths[r] != path]
+        root, paths = self.library.root, self.library.paths
+
+        def check(row):
+            file = root / paths[row]
+            try:
+                candidate = file.read_bytes()
+                photo = _describe(candidate, paths[row], file.stat().st_mtime)
+            except (ImageError, OSError) as exc:
+                return row, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if _verify(photo, query) is None:
+                return row, None, None
+            photo.pixels = _pixels(candidate)  # a copy: told apart from the query by its pixels too
+            return row, _relation(photo, query, _verify(photo, query, both=True)), None
+
+        with _one_thread_each(), ThreadPoolExecutor(max(1, min(self.workers, len(rows)))) as pool:
+            checked = list(pool.map(check, rows))
+        left_out = {paths[row]: why for row, _, why in checked if why}
+        found = [(row, relation) for row, relation, _ in checked if relation]
+        if found and vector is not None and np.isfinite(vector).all():
+            unit = np.asarray(vector, np.float32) / max(float(np.linalg.norm(vector)), 1e-12)
+            matrix = self.library.vectors("cnn")[[row for row, _ in found]]
+            distance = 1 - matrix @ unit / np.maximum(np.linalg.norm(matrix, axis=1), 1e-12)
+        else:
+            distance = np.zeros(len(found))
+        answers = [{"row": int(row), "path": paths[row], "distance": float(d), "relation": relation}
+                   for (row, relation), d in zip(found, distance)]
+        return sorted(answers, key=lambda a: (a["distance"], a["path"]))[:n], left_out
+
+    def _candidates(self, data: bytes, vector: np.ndarray | None) -> list[int]:
+        """Library rows worth verifying for a query, the CNN's nearest first, each once."""
+        from .descriptors import perceptual_hash
+        from .kinds import get_kind
+
+        rows = []
+        if vector is not None and np.isfinite(vector).all():
+            _, found = self.cnn.kneighbors(np.asarray(vector, np.float32)[None], QUERY_CNN_CANDIDATES + 1)
+            rows += found[0].tolist()  # + 1: a library photo finds itself, left out by the caller
+        if self.hashes is not None:
+            # Described as the library's pHash was (its decode size), and mirrored: a mirror image's own hash is
+            # another photo's.
+            small = load_image(data, get_kind("phash").decode_size)[0]
+            bits = np.stack([perceptual_hash(small), perceptual_hash(np.ascontiguousarray(small[:, ::-1]))])
+            _, found = self.hashes.kneighbors(bits, QUERY_HASH_CANDIDATES + 1)
+            rows += self.hash_rows[found.ravel()].tolist()
+        return list(dict.fromkeys(rows))
 
 
 def _hash_groups(root: Path, paths: list[str], max_distance: int, kind: str, n_jobs: int):

@@ -6,6 +6,7 @@ is labelled with every way it differs from the original.
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -89,3 +90,61 @@ def test_a_photo_and_its_mirror_alone_keep_the_less_compressed(folder, tmp_path,
     (group,) = find_duplicates(root, library=features_of(root))
     assert group.keeper == "burger/burger1_mirror_q90.jpg"
     assert group.relation == {ORIGINALS[0]: "mirrored, recompressed"}
+
+
+# --- the app's per-photo near-duplicates: the same verified finder, for a library photo and for an upload ---
+
+@pytest.fixture(scope="module")
+def client(folder, features_of):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from similar_finder.app import create_app
+    from similar_finder.library import Library
+
+    library = Library(features_of(folder))
+    with TestClient(create_app(library), base_url="http://127.0.0.1:8000") as client:
+        yield client, library
+
+
+def _near(client, library, path, n=5):
+    body = client.get(f"/api/similar/{library.image_id(path)}", params={"approach": "duplicates", "n": n}).json()
+    assert body["approach"] == "duplicates" and body["query"]["path"] == path
+    return body
+
+
+def test_a_library_photo_gets_its_verified_copies_each_with_how_it_differs(client):
+    client, library = client
+    body = _near(client, library, ORIGINALS[0])
+    assert {r["path"]: r["relation"] for r in body["results"]} == {
+        name: label for name, (original, *_, label) in COPIES.items() if original == ORIGINALS[0]}
+    # asked from the mirror image, the labels are relative to it: the crop is of the mirror's mirror image
+    body = _near(client, library, "burger/burger1_mirror_q90.jpg")
+    assert {r["path"]: r["relation"] for r in body["results"]} == {
+        ORIGINALS[0]: "mirrored, recompressed", "burger/burger1_crop84_q60.jpg": "cropped, mirrored, recompressed"}
+    assert [r["distance"] for r in body["results"]] == sorted(r["distance"] for r in body["results"])
+
+
+def test_a_photo_without_copies_gets_no_near_duplicates_found(client):
+    client, library = client
+    for path in ("steak/steak1_resized.jpg", "fries/fries4_resized.jpeg"):
+        body = _near(client, library, path)
+        assert body["results"] == [] and body["message"] == "No near-duplicates found" and body["reason"]
+
+
+def test_an_uploaded_copy_is_answered_by_the_verified_finder(client, folder, food_db):
+    client, library = client
+    out = io.BytesIO()  # a copy the library does not hold: the salad turned by 5 degrees, saved again
+    with Image.open(folder / ORIGINALS[1]) as img:
+        img.convert("RGB").rotate(5, resample=Image.Resampling.BICUBIC).save(out, "JPEG", quality=80)
+    response = client.post("/api/search", files={"file": ("tilted.jpg", out.getvalue(), "image/jpeg")},
+                           data={"n": "5", "approach": "duplicates"})
+    assert response.status_code == 200, response.text
+    relations = {r["path"]: r["relation"] for r in response.json()["results"]}
+    assert set(relations) <= {ORIGINALS[1], *(c for c, (o, *_) in COPIES.items() if o == ORIGINALS[1])}
+    assert "rotated" in relations[ORIGINALS[1]].split(", ")
+    # another photo of a burger (the food queries are not in the library): no copy of it there
+    data = (food_db.parent / "queries" / "burger_test.jpeg").read_bytes()
+    body = client.post("/api/search", files={"file": ("burger_test.jpeg", data, "image/jpeg")},
+                       data={"approach": "duplicates"}).json()
+    assert body["results"] == [] and body["message"] == "No near-duplicates found"
