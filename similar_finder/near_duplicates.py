@@ -44,6 +44,9 @@ ORB_FEATURES = 300      # keypoints a photo (and as many for its mirror): ~24 kB
 FAST_THRESHOLD = 10     # corner contrast of a keypoint (OpenCV: 20): lower, so blurred or low-contrast copies keep some
 CNN_CANDIDATES = 4      # nearest neighbours by CNN vector verified per photo (caps the verification work)
 HASH_CANDIDATES = 2     # and by perceptual hash, of the photo and of its mirror
+# Pairs verified a photo at most: its CNN neighbours, hash neighbours, and hash neighbours of its mirror (one more:
+# a photo may find itself there, which is no pair). Verifying n photos is at most n x MAX_CANDIDATES fits.
+MAX_CANDIDATES = CNN_CANDIDATES + 2 * HASH_CANDIDATES + 1
 QUERY_CNN_CANDIDATES = 8   # a single query (the app's per-photo near-duplicates): CNN neighbours verified
 QUERY_HASH_CANDIDATES = 4  # and hash neighbours of the query and of its mirror: at most 16 verified a request
 RATIO = 0.8             # Lowe's ratio test: a match counts when clearly better than the second best
@@ -363,13 +366,24 @@ def _library_vectors(root: Path, paths: list[str], library) -> np.ndarray:
 
 
 def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarray | None = None, *,
-                    n_jobs: int = -1) -> tuple[list[DuplicateGroup], dict[str, str]]:
+                    n_jobs: int = -1, timings: dict | None = None) -> tuple[list[DuplicateGroup], dict[str, str]]:
     """Verified groups among ``paths`` (relative to ``root``), largest first, and the unreadable paths with why.
 
     ``vectors``: CNN vectors row for row with ``paths`` (NaN rows for photos without one), or None for hash
-    candidates only (which miss most crops and tilts).
+    candidates only (which miss most crops and tilts). The work is bounded: each photo is read once, and at most
+    :data:`MAX_CANDIDATES` pairs a photo are verified, so the verification grows as n, not n²; a group is labelled
+    with at most :data:`KEEPER_TRIES` fits a member. ``timings``, when given, is filled with the seconds of each
+    step (read, candidates, verify, label) and the number of pairs verified.
     """
     root = Path(root)
+    clock = time.perf_counter()
+
+    def lap(step):
+        nonlocal clock
+        if timings is not None:
+            timings[step] = timings.get(step, 0.0) + time.perf_counter() - clock
+        clock = time.perf_counter()
+
     workers = os.cpu_count() if n_jobs in (-1, None) else max(1, int(n_jobs))
 
     def read(path):
@@ -380,6 +394,7 @@ def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarr
 
     with _one_thread_each(), ThreadPoolExecutor(workers) as pool:  # OpenCV and the decoders release the GIL
         read_all = list(pool.map(read, paths))
+        lap("read")
         left_out = {p: r for p, r in zip(paths, read_all) if isinstance(r, str)}
         keep = [i for i, r in enumerate(read_all) if not isinstance(r, str)]
         photos = [read_all[i] for i in keep]
@@ -387,10 +402,15 @@ def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarr
             return [], left_out
         vectors = None if vectors is None else np.asarray(vectors, np.float32)[keep]
         pairs = sorted(_candidates(photos, vectors))
-        verified = pool.map(lambda p: _verify(photos[p[0]], photos[p[1]]), pairs, chunksize=64)
+        lap("candidates")
+        verified = pool.map(lambda p: _verify(photos[p[0]], photos[p[1]]), pairs)
         linked = [pair for pair, match in zip(pairs, verified) if match is not None]
+        lap("verify")
         groups = list(pool.map(lambda members: _group(root, [photos[i] for i in members]),
                                _components(len(photos), linked)))
+        lap("label")
+    if timings is not None:
+        timings.update(photos=len(photos), pairs=len(pairs), groups=len(groups))
     groups.sort(key=lambda g: (-len(g), g[0]))
     return groups, left_out
 
@@ -542,16 +562,17 @@ def _hash_groups(root: Path, paths: list[str], max_distance: int, kind: str, n_j
 
 
 def find_duplicates(images_dir: str | os.PathLike, max_distance: int | None = None, kind: str | None = None, *,
-                    library=None, cnn: bool = True, n_jobs: int = -1, left_out: dict | None = None
-                    ) -> list[DuplicateGroup]:
+                    library=None, cnn: bool = True, n_jobs: int = -1, left_out: dict | None = None,
+                    timings: dict | None = None) -> list[DuplicateGroup]:
     """Groups of near-duplicate images under ``images_dir`` (paths relative to it), largest first.
 
     Verified by local features (see the module's docstring) unless ``max_distance`` or ``kind`` asks for the pure
     perceptual-hash answer. ``library``: a Library (or its features file) of this folder whose CNN vectors give
     the candidates; None embeds the folder first, ``cnn=False`` uses hash candidates only. ``left_out``, when
-    given, is filled with the unreadable paths and why.
+    given, is filled with the unreadable paths and why; ``timings`` with the seconds of each step.
     """
     root = Path(images_dir)
+    started = time.perf_counter()
     if not root.is_dir():
         raise MissingError(f"images folder {images_dir} does not exist or is not a folder")
     paths = scan_images(root)["path"].tolist()
@@ -561,7 +582,9 @@ def find_duplicates(images_dir: str | os.PathLike, max_distance: int | None = No
                                     n_jobs)
     else:
         vectors = _library_vectors(root, paths, library) if cnn and len(paths) > 1 else None
-        groups, gone = near_duplicates(root, paths, vectors, n_jobs=n_jobs)
+        if timings is not None:
+            timings["vectors"] = time.perf_counter() - started  # scanning the folder and reading the library
+        groups, gone = near_duplicates(root, paths, vectors, n_jobs=n_jobs, timings=timings)
     if left_out is not None:
         left_out.update(gone)
     return groups

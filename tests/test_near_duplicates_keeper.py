@@ -148,3 +148,34 @@ def test_an_uploaded_copy_is_answered_by_the_verified_finder(client, folder, foo
     body = client.post("/api/search", files={"file": ("burger_test.jpeg", data, "image/jpeg")},
                        data={"approach": "duplicates"}).json()
     assert body["results"] == [] and body["message"] == "No near-duplicates found"
+
+
+# --- the bound: verification grows as n x MAX_CANDIDATES, never n² ---
+
+def test_the_pairs_verified_are_capped_per_photo(food_db, food_features):
+    from similar_finder.near_duplicates import MAX_CANDIDATES
+
+    timings: dict = {}
+    find_duplicates(food_db, library=food_features, timings=timings)
+    n = timings["photos"]
+    assert n == 36 and MAX_CANDIDATES * n < n * (n - 1) / 2  # the cap is below all pairs here: it can bite
+    assert 0 < timings["pairs"] <= MAX_CANDIDATES * n
+    assert {"read", "candidates", "verify", "label"} <= set(timings)
+
+
+def test_candidates_stay_linear_in_the_number_of_photos():
+    """Thousands of photos with clustered vectors and hashes (many near ties): still at most MAX_CANDIDATES
+    pairs a photo."""
+    import numpy as np
+
+    from similar_finder.near_duplicates import MAX_CANDIDATES, _candidates, _Photo
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    centres = rng.normal(size=(30, 64))
+    vectors = (centres[rng.integers(0, 30, n)] + 0.05 * rng.normal(size=(n, 64))).astype(np.float32)
+    bits = rng.integers(0, 2, (30, 2, 64))[rng.integers(0, 30, n)].astype(np.float32)
+    photos = [_Photo(f"{i}.jpg", 1, 1, 1, 0.0, 0.0, str(i), 50.0, (1, 1), bits[i], ()) for i in range(n)]
+    pairs = _candidates(photos, vectors)
+    assert len(pairs) <= MAX_CANDIDATES * n
+    assert all(0 <= i < j < n for i, j in pairs)
