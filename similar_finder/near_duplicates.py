@@ -118,16 +118,23 @@ def _pixels(data: bytes) -> np.ndarray:
     return load_image(data, FIT_SIDE, keep_aspect=True)[0]
 
 
-def _views(grey: np.ndarray) -> tuple:
-    """ORB keypoints (positions, descriptors) of a grey picture and of its mirror image."""
+def _views(grey: np.ndarray, mirror: bool = True) -> tuple:
+    """ORB keypoints (positions, descriptors) of a grey picture and (``mirror``) of its mirror image."""
     import cv2  # opencv: only when duplicates are verified
 
     orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=FAST_THRESHOLD)
-    views = []
-    for view in (grey, np.ascontiguousarray(grey[:, ::-1])):
-        points, descriptors = orb.detectAndCompute(view, None)
-        views.append((np.float32([p.pt for p in points]).reshape(-1, 2), descriptors))
-    return tuple(views)
+    points, descriptors = orb.detectAndCompute(grey, None)
+    if not mirror:
+        return ((np.float32([p.pt for p in points]).reshape(-1, 2), descriptors),)
+    # The mirror image's corners are these corners mirrored (corner scores are symmetric), so only their
+    # descriptors are computed there (a quarter less time than finding them again; the fits come out the same
+    # within a few matches). The orientation mirrors too, which ORB takes from the keypoint as given.
+    w = grey.shape[1]
+    mirrored = [cv2.KeyPoint(w - 1 - p.pt[0], p.pt[1], p.size, (180.0 - p.angle) % 360, p.response, p.octave,
+                             p.class_id) for p in points]
+    mirrored, mirrored_descriptors = orb.compute(np.ascontiguousarray(grey[:, ::-1]), mirrored)
+    return tuple((np.float32([p.pt for p in kps]).reshape(-1, 2), d)
+                 for kps, d in ((points, descriptors), (mirrored, mirrored_descriptors)))
 
 
 def _read(root: Path, path: str) -> _Photo:
@@ -137,7 +144,7 @@ def _read(root: Path, path: str) -> _Photo:
     return _describe(data, path, file.stat().st_mtime)
 
 
-def _describe(data: bytes, path: str, modified: float, keep_pixels: bool = False) -> _Photo:
+def _describe(data: bytes, path: str, modified: float, keep_pixels: bool = False, mirror: bool = True) -> _Photo:
     import cv2
 
     pixels = _pixels(data)
@@ -150,7 +157,7 @@ def _describe(data: bytes, path: str, modified: float, keep_pixels: bool = False
     grey = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
     colour = float(np.ptp(pixels[::4, ::4].astype(np.int16), axis=2).mean())  # every 4th pixel tells grey enough
     return _Photo(path, width, height, len(data), modified, quantization, hashlib.sha256(data).hexdigest(), colour,
-                  grey.shape, phash_and_mirror(grey), _views(grey), pixels if keep_pixels else None)
+                  grey.shape, phash_and_mirror(grey), _views(grey, mirror), pixels if keep_pixels else None)
 
 
 def _fit(a: tuple, b: tuple) -> tuple[int, np.ndarray | None]:
@@ -277,20 +284,40 @@ def _relation(copy: _Photo, keep: _Photo, match: _Match | None) -> str:
     return ", ".join(_edits(copy, keep, match))
 
 
+def _reverse(match: _Match | None, a: _Photo, b: _Photo) -> _Match | None:
+    """``b`` onto ``a`` from the fit of ``a`` onto ``b`` (the mirror image's fit goes both ways mirrored)."""
+    if match is None:
+        return None
+    forward = np.vstack([match.transform, [0, 0, 1]])
+    back = np.linalg.inv(forward)
+    if match.mirrored:  # T maps mirrored a onto b: b mirrored onto a is mirror_a . T^-1 . mirror_b
+        mirror = [np.array([[-1, 0, p.shape[1] - 1], [0, 1, 0], [0, 0, 1]], float) for p in (a, b)]
+        back = mirror[0] @ back @ mirror[1]
+    return _Match(match.inliers, match.mirrored, back[:2])
+
+
 def _keeper(members: list[int], full: dict[int, _Photo]) -> tuple[int, dict[int, str]]:
     """The member to keep among ``members`` (all read with pixels), and how each other member differs from it.
 
     The most pixels first (copies within :data:`SAME_SIZE` of the largest tie); among those, the one the others
     differ from in the fewest ways: the photo a crop, a caption or a recompressed copy was made from, which a
     copy saved at a higher quality would otherwise beat. Still tied (a photo and its mirror image differ
-    alike both ways): the least compressed, then the older file, then the larger file, then the name.
+    alike both ways): the least compressed, then the older file, then the larger file, then the name. Each pair
+    is fitted once (the other way round is its inverse), at most :data:`KEEPER_TRIES` keepers tried.
     """
     largest = max(full[i].width * full[i].height for i in members)
     tied = sorted((i for i in members if full[i].width * full[i].height >= SAME_SIZE * largest),
                   key=lambda i: full[i].rank)[:KEEPER_TRIES]
+    fitted: dict[tuple[int, int], _Match | None] = {}
+
+    def fit(i, keep):  # i onto keep
+        if (i, keep) not in fitted:
+            fitted[i, keep] = _verify(full[i], full[keep], both=True)
+            fitted[keep, i] = _reverse(fitted[i, keep], full[i], full[keep])
+        return fitted[i, keep]
 
     def fits(keep):
-        return {i: _verify(full[i], full[keep], both=True) for i in members if i != keep}
+        return {i: fit(i, keep) for i in members if i != keep}
 
     tried = {keep: fits(keep) for keep in tied} if len(tied) > 1 else {}
     ways = {keep: sum(len(_edits(full[i], full[keep], m, look=False)) for i, m in found.items()
@@ -507,13 +534,14 @@ class NearDuplicateSearch:
             file = root / paths[row]
             try:
                 candidate = file.read_bytes()
-                photo = _describe(candidate, paths[row], file.stat().st_mtime)
+                # the query is the one mirrored: its candidates' own keypoints are enough
+                photo = _describe(candidate, paths[row], file.stat().st_mtime, keep_pixels=True, mirror=False)
             except (ImageError, OSError) as exc:
                 return row, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if _verify(photo, query) is None:
+            match = _verify(query, photo, both=True)
+            if match is None:
                 return row, None, None
-            photo.pixels = _pixels(candidate)  # a copy: told apart from the query by its pixels too
-            return row, _relation(photo, query, _verify(photo, query, both=True)), None
+            return row, _relation(photo, query, _reverse(match, query, photo)), None
 
         with _one_thread_each(), ThreadPoolExecutor(max(1, min(self.workers, len(rows)))) as pool:
             checked = list(pool.map(check, rows))
