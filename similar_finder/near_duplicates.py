@@ -31,11 +31,11 @@ import pandas as pd
 from PIL import Image
 
 from ._io import write_csv
-from .descriptors import DUPLICATE_BITS, HASH_KINDS, duplicate_groups, phash_and_mirror
+from .descriptors import DUPLICATE_BITS, HASH_KINDS, duplicate_groups, perceptual_hash, phash_and_mirror
 from .errors import MissingError, check_choice
 from .features import extract_features
 from .images import ImageError, load_image, scan_images
-from .kinds import describe_many
+from .kinds import describe_many, get_kind
 from .library import Library, as_library
 from .neighbors import Neighbors
 
@@ -559,9 +559,6 @@ class NearDuplicateSearch:
 
     def _candidates(self, data: bytes, vector: np.ndarray | None) -> list[int]:
         """Library rows worth verifying for a query, the CNN's nearest first, each once."""
-        from .descriptors import perceptual_hash
-        from .kinds import get_kind
-
         rows = []
         if vector is not None and np.isfinite(vector).all():
             _, found = self.cnn.kneighbors(np.asarray(vector, np.float32)[None], QUERY_CNN_CANDIDATES + 1)
