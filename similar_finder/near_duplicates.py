@@ -296,35 +296,38 @@ def _reverse(match: _Match | None, a: _Photo, b: _Photo) -> _Match | None:
     return _Match(match.inliers, match.mirrored, back[:2])
 
 
-def _keeper(members: list[int], full: dict[int, _Photo]) -> tuple[int, dict[int, str]]:
+def _keeper(members: list[int], full: dict[int, _Photo], known: dict | None = None) -> tuple[int, dict[int, str]]:
     """The member to keep among ``members`` (all read with pixels), and how each other member differs from it.
 
     The most pixels first (copies within :data:`SAME_SIZE` of the largest tie); among those, the one the others
     differ from in the fewest ways: the photo a crop, a caption or a recompressed copy was made from, which a
     copy saved at a higher quality would otherwise beat. Still tied (a photo and its mirror image differ
     alike both ways): the least compressed, then the older file, then the larger file, then the name. Each pair
-    is fitted once (the other way round is its inverse), at most :data:`KEEPER_TRIES` keepers tried.
+    is fitted once (the other way round is its inverse), at most :data:`KEEPER_TRIES` keepers tried; ``known``:
+    fits ``{(i, j): match}`` already made (the verification's), reused to choose the keeper.
     """
     largest = max(full[i].width * full[i].height for i in members)
     tied = sorted((i for i in members if full[i].width * full[i].height >= SAME_SIZE * largest),
                   key=lambda i: full[i].rank)[:KEEPER_TRIES]
-    fitted: dict[tuple[int, int], _Match | None] = {}
+    fitted: dict[tuple[int, int], _Match | None] = dict(known or {})
+    labelled: dict[tuple[int, int], _Match | None] = {}
 
-    def fit(i, keep):  # i onto keep
-        if (i, keep) not in fitted:
-            fitted[i, keep] = _verify(full[i], full[keep], both=True)
-            fitted[keep, i] = _reverse(fitted[i, keep], full[i], full[keep])
-        return fitted[i, keep]
+    def fit(i, keep, both=False):  # i onto keep; ``both``: the better of the photo and its mirror (to label)
+        cache = labelled if both else fitted
+        if (i, keep) not in cache:
+            if (keep, i) in cache:
+                cache[i, keep] = _reverse(cache[keep, i], full[keep], full[i])
+            else:
+                cache[i, keep] = _verify(full[i], full[keep], both=both)
+        return cache[i, keep]
 
-    def fits(keep):
-        return {i: fit(i, keep) for i in members if i != keep}
-
-    tried = {keep: fits(keep) for keep in tied} if len(tied) > 1 else {}
-    ways = {keep: sum(len(_edits(full[i], full[keep], m, look=False)) for i, m in found.items()
-                      if full[i].sha256 != full[keep].sha256) for keep, found in tried.items()}
+    ways = {}
+    if len(tied) > 1:
+        for keep in tied:
+            ways[keep] = sum(len(_edits(full[i], full[keep], fit(i, keep), look=False)) for i in members
+                             if i != keep and full[i].sha256 != full[keep].sha256)
     keep = min(tied, key=lambda k: (ways.get(k, 0), tied.index(k)))  # in rank order on a tie
-    found = tried.get(keep) or fits(keep)
-    return keep, {i: _relation(full[i], full[keep], m) for i, m in found.items()}
+    return keep, {i: _relation(full[i], full[keep], fit(i, keep, both=True)) for i in members if i != keep}
 
 
 def _candidates(photos: list[_Photo], vectors: np.ndarray | None) -> set[tuple[int, int]]:
@@ -430,11 +433,20 @@ def near_duplicates(root: str | os.PathLike, paths: list[str], vectors: np.ndarr
         vectors = None if vectors is None else np.asarray(vectors, np.float32)[keep]
         pairs = sorted(_candidates(photos, vectors))
         lap("candidates")
-        verified = pool.map(lambda p: _verify(photos[p[0]], photos[p[1]]), pairs)
+        verified = list(pool.map(lambda p: _verify(photos[p[0]], photos[p[1]]), pairs))
         linked = [pair for pair, match in zip(pairs, verified) if match is not None]
         lap("verify")
-        groups = list(pool.map(lambda members: _group(root, [photos[i] for i in members]),
-                               _components(len(photos), linked)))
+        tried: dict[int, list] = {}  # each photo's fits, found or not: reused to choose a group's keeper
+        for (a, b), match in zip(pairs, verified):
+            tried.setdefault(a, []).append((a, b, match))
+
+        def group(members):
+            inside = set(members)
+            known = {(photos[a].path, photos[b].path): m for i in members for a, b, m in tried.get(i, ())
+                     if b in inside}
+            return _group(root, [photos[i] for i in members], known)
+
+        groups = list(pool.map(group, _components(len(photos), linked)))
         lap("label")
     if timings is not None:
         timings.update(photos=len(photos), pairs=len(pairs), groups=len(groups))
@@ -471,8 +483,10 @@ class _one_thread_each:
                 cv2.setNumThreads(type(self)._before)
 
 
-def _group(root: Path, members: list[_Photo]) -> DuplicateGroup:
-    """A verified group: its keeper first, the others by path, and how each differs from the keeper."""
+def _group(root: Path, members: list[_Photo], known: dict | None = None) -> DuplicateGroup:
+    """A verified group: its keeper first, the others by path, and how each differs from the keeper.
+
+    ``known``: fits already made, ``{(path, path): match or None}``."""
     readable = []
     for photo in members:  # the pixels again, held only while the group is labelled
         try:
@@ -482,7 +496,9 @@ def _group(root: Path, members: list[_Photo]) -> DuplicateGroup:
             pass
     try:
         if readable:
-            best, labels = _keeper(list(range(len(readable))), dict(enumerate(readable)))
+            at = {p.path: i for i, p in enumerate(readable)}
+            fits = {(at[a], at[b]): m for (a, b), m in (known or {}).items() if a in at and b in at}
+            best, labels = _keeper(list(range(len(readable))), dict(enumerate(readable)), fits)
             keeper = readable[best]
             labels = {readable[i].path: label for i, label in labels.items()}
         else:
