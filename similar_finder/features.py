@@ -250,7 +250,7 @@ def _after(library: Library, changes: Changes, done: dict) -> StoredFeatures | N
         gone = {library.row_of[p] for p in changes.removed if p in library.row_of}
         keep = np.ones(len(paths), bool)
         keep[list(gone)] = False
-        paths, matrix, ids = [p for p, k in zip(paths, keep) if k], _without(matrix, gone), ids[keep]
+        paths, matrix, ids = [p for p, k in zip(paths, keep) if k], _without(matrix, keep), ids[keep]
         audit = audit[~audit["path"].isin(set(changes.removed))]
     if changes.moved:
         paths = [changes.moved.get(p, p) for p in paths]
@@ -274,9 +274,7 @@ def _appended(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     once; a second add to the same older snapshot gets a copy.
     """
     n, k, dim = len(matrix), len(rows), matrix.shape[1]
-    owner = matrix  # the array holding the memory (views of views name it as their base)
-    while isinstance(owner.base, np.ndarray):
-        owner = owner.base
+    owner = _owner(matrix)
     address = matrix.__array_interface__["data"][0]
     starts_owner = owner is not matrix and owner.dtype == matrix.dtype and owner.size % dim == 0 and \
         owner.__array_interface__["data"][0] == address and matrix.flags.c_contiguous
@@ -293,23 +291,26 @@ def _appended(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return grown
 
 
+def _owner(array: np.ndarray) -> np.ndarray:
+    """The array holding ``array``'s memory (views of views name it as their base)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
 def _buffer(n: int, dim: int) -> np.ndarray:
     """A new matrix of ``n`` rows (to be filled) with free rows after it, for adds to grow into."""
     buffer = empty_matrix(n + spare_rows(n), dim)
-    owner = buffer
-    while isinstance(owner.base, np.ndarray):
-        owner = owner.base
+    owner = _owner(buffer)
     with _GROWN_LOCK:
         _GROWN[buffer.__array_interface__["data"][0]] = n
         weakref.finalize(owner, _GROWN.pop, buffer.__array_interface__["data"][0], None)
     return buffer[:n]
 
 
-def _without(matrix: np.ndarray, rows) -> np.ndarray:
-    """``matrix`` without ``rows``: the runs between them copied into a new buffer (a removal moves every row
-    after the first removed one; it copies memory at memory speed, and writes nothing to disk)."""
-    keep = np.ones(len(matrix), bool)
-    keep[list(rows)] = False
+def _without(matrix: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The rows of ``matrix`` where ``keep``: the runs between removed rows copied into a new buffer (a removal
+    moves every row after the first removed one; it copies memory at memory speed, and writes nothing to disk)."""
     out = _buffer(int(keep.sum()), matrix.shape[1])
     edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]])))
     at = 0

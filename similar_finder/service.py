@@ -429,8 +429,8 @@ class LibraryService:
                 return self._near_duplicates(batcher, n, current, data=data, vector=vector)
         return self._answer(approach, batcher, current, *batcher(n, vector=vector))
 
-    def _near_duplicates(self, batcher: _Batcher, n: int, current: Library, *, photo: dict | None = None, data: bytes | None = None,
-                         vector: np.ndarray | None = None) -> Answer:
+    def _near_duplicates(self, batcher: _Batcher, n: int, current: Library, *, photo: dict | None = None,
+                         data: bytes | None = None, vector: np.ndarray | None = None) -> Answer:
         """The per-photo near-duplicates answer (:class:`NearDuplicateSearch`): a library ``photo``, or an upload's
         ``data`` and ``vector``; each result says how it differs from the query."""
         finder = batcher.model

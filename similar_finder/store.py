@@ -5,7 +5,7 @@ A store is named by its CSV (``features.csv``); the truth is the database beside
 (WAL mode, so readers go on while a writer commits). It holds every photo with its **image_id** (given once, never
 moved or reused: a photo keeps it across adds, removals, restarts, re-extraction and renames of the same content),
 path, SHA-256, status, the facts the app browses by, and where its vector lies; the skipped files; the settings;
-the calibrated thresholds; and the list of vector segments, each with its length and CRC-32. The vectors
+the calibrated thresholds; and the list of vector segments, each with its length and its blocks' digests. The vectors
 themselves are append-only segment files (``features.vectors/00000001.f32``, raw float32 rows): a change writes a
 new segment and then commits it, with the photos that point into it, in one SQLite transaction. A kill at any
 instant therefore leaves the previous state or the new one; a segment or temporary file no transaction names is
@@ -308,7 +308,7 @@ def _undo_joining(journal: Path, db: sqlite3.Connection) -> None:
         record = read_json(journal)
         file, path, sha = Path(record["file"]), record["path"], record["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        return  # written whole or not at all (atomically), and before the file: there is no file to undo
+        return  # cut while it was written, which was before its file existed: there is no file to undo
     taken = db.execute("SELECT 1 FROM photos WHERE path = ? AND sha256 = ?", (path, sha)).fetchone()
     if taken is None and file.is_file() and file_sha256(file) == sha:  # never a file someone put there since
         log.warning("removed %s: it was being added when its process stopped, and the add was not committed", path)
@@ -541,7 +541,7 @@ def _frame(db: sqlite3.Connection, query: str, *, ints=(), numbers=()) -> pd.Dat
 
 
 def _read_vectors(files, photos: pd.DataFrame, segments: pd.DataFrame, dim: int, meta: dict):
-    """The matrix in the order of ``photos``, each segment checked by length and CRC-32 as it is read."""
+    """The matrix in the order of ``photos``, each segment checked by length and block digests as it is read."""
     # Room for a few adds after the last row: a photo added later is written there, not into a copy of all.
     buffer = empty_matrix(len(photos) + spare_rows(len(photos)), dim)
     matrix = buffer[:len(photos)]
